@@ -1,0 +1,329 @@
+"""Reverse-mode automatic differentiation: ``Tensor``, ``Function`` and ``backward``.
+
+A ``Tensor`` wraps an array (``.data``) and, after ``backward``, its gradient (``.grad``).
+Every differentiable operation is a ``Function`` with two static methods::
+
+    forward(ctx, *arrays, **options)  -> array       y = f(x1, x2, ...)
+    backward(ctx, grad)               -> tuple       (dL/dx1, dL/dx2, ...) given dL/dy
+
+``Function.apply`` runs ``forward`` on the raw arrays and, when gradients are wanted, links the
+output tensor to its inputs. ``Tensor.backward`` walks that graph in reverse topological order
+and applies the chain rule, dL/dx = sum over uses of x of (dL/dy · dy/dx): a tensor used twice
+receives the sum of both contributions (gradient accumulation), exactly as micrograd's ``+=``.
+
+Leaves created with ``requires_grad=True`` (parameters) keep their gradient in ``.grad`` and
+add to it on later backward passes (so gradients of several microbatches accumulate until the
+optimizer zeroes them). Hooks registered with ``register_grad_hook`` run the moment a leaf's
+gradient for the current backward pass is final; data parallelism uses them to start
+communicating a bucket of gradients while the rest of the backward pass is still running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from mpipar.backend import array_module, get_xp
+
+
+class _GradMode:
+    enabled = True
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Within this block operations record no graph (evaluation, sampling, optimizer steps)."""
+    previous = _GradMode.enabled
+    _GradMode.enabled = False
+    try:
+        yield
+    finally:
+        _GradMode.enabled = previous
+
+
+def is_grad_enabled() -> bool:
+    return _GradMode.enabled
+
+
+class Context:
+    """What ``forward`` leaves for ``backward``: saved arrays and any other attributes."""
+
+    __slots__ = ("saved", "needs_input_grad", "__dict__")
+
+    def __init__(self, needs_input_grad: tuple[bool, ...]) -> None:
+        self.saved: tuple = ()
+        self.needs_input_grad = needs_input_grad
+
+    def save_for_backward(self, *arrays: Any) -> None:
+        self.saved = arrays
+
+
+class Tensor:
+    """An array with an optional gradient and a link to the Function that produced it."""
+
+    __slots__ = ("data", "grad", "requires_grad", "name", "_fn", "_ctx", "_parents", "_hooks",
+                 "__weakref__")
+
+    def __init__(self, data: Any, requires_grad: bool = False, name: str = "") -> None:
+        if isinstance(data, Tensor):
+            data = data.data
+        if not hasattr(data, "shape"):
+            data = get_xp().asarray(data)
+        self.data = data
+        self.grad = None
+        self.requires_grad = requires_grad
+        self.name = name
+        self._fn: type[Function] | None = None
+        self._ctx: Context | None = None
+        self._parents: tuple[Tensor | None, ...] = ()
+        self._hooks: list[Callable[[Tensor], None]] = []
+
+    # -- basic properties -------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._fn is None
+
+    def item(self) -> float:
+        return float(self.data)
+
+    def numpy(self):
+        from mpipar.backend import to_numpy
+
+        return to_numpy(self.data)
+
+    def detach(self) -> Tensor:
+        """The same array, cut from the graph."""
+        return Tensor(self.data)
+
+    def register_grad_hook(self, hook: Callable[[Tensor], None]) -> None:
+        """Call ``hook(tensor)`` each time this leaf's gradient of a backward pass is final."""
+        self._hooks.append(hook)
+
+    def __repr__(self) -> str:
+        label = f", name={self.name!r}" if self.name else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}{label})"
+
+    # -- operators (each is a Function in mpipar.ops) --------------------------------------
+    def __add__(self, other):
+        return ops.add(self, other)
+
+    def __radd__(self, other):
+        return ops.add(other, self)
+
+    def __sub__(self, other):
+        return ops.sub(self, other)
+
+    def __rsub__(self, other):
+        return ops.sub(other, self)
+
+    def __mul__(self, other):
+        return ops.mul(self, other)
+
+    def __rmul__(self, other):
+        return ops.mul(other, self)
+
+    def __truediv__(self, other):
+        return ops.div(self, other)
+
+    def __rtruediv__(self, other):
+        return ops.div(other, self)
+
+    def __neg__(self):
+        return ops.neg(self)
+
+    def __matmul__(self, other):
+        return ops.matmul(self, other)
+
+    def __getitem__(self, index):
+        return ops.getitem(self, index)
+
+    def sum(self, axis=None, keepdims: bool = False):
+        return ops.sum(self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims: bool = False):
+        return ops.mean(self, axis=axis, keepdims=keepdims)
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], tuple | list):
+            shape = tuple(shape[0])
+        return ops.reshape(self, shape)
+
+    def transpose(self, *axes):
+        if len(axes) == 1 and isinstance(axes[0], tuple | list):
+            axes = tuple(axes[0])
+        return ops.transpose(self, axes or None)
+
+    @property
+    def T(self):
+        return ops.transpose(self, None)
+
+    def exp(self):
+        return ops.exp(self)
+
+    def log(self):
+        return ops.log(self)
+
+    def tanh(self):
+        return ops.tanh(self)
+
+    # -- backward ---------------------------------------------------------------------------
+    def backward(self, grad: Any = None) -> None:
+        """Accumulate dL/dx into ``.grad`` of every leaf that requires a gradient.
+
+        ``grad`` is dL/d(self); it defaults to 1 for a scalar (a loss). Pipeline stages pass
+        the gradient received from the next stage here.
+        """
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(
+                    f"backward() without a gradient needs a scalar; this tensor has shape "
+                    f"{self.shape}"
+                )
+            grad = array_module(self.data).ones_like(self.data)
+        elif isinstance(grad, Tensor):
+            grad = grad.data
+        run_backward(self, grad)
+
+
+class Function:
+    """A differentiable operation: subclasses define ``forward`` and ``backward``.
+
+    Arguments of ``apply`` that are Tensors are differentiable inputs (their arrays are passed
+    to ``forward``); every other argument is passed through unchanged as an option.
+    ``backward`` returns one gradient per Tensor input, in order (``None`` where
+    ``ctx.needs_input_grad`` is False or the input is not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx: Context, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx: Context, grad: Any) -> tuple:
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *args: Any, **kwargs: Any) -> Tensor:
+        tensors = tuple(a for a in args if isinstance(a, Tensor))
+        raw = [a.data if isinstance(a, Tensor) else a for a in args]
+        needs = tuple(t.requires_grad for t in tensors)
+        track = _GradMode.enabled and any(needs)
+        ctx = Context(needs)
+        out = Tensor(cls.forward(ctx, *raw, **kwargs))
+        if track:
+            out.requires_grad = True
+            out._fn = cls
+            out._ctx = ctx
+            out._parents = tensors
+        return out
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Tensors reachable from ``root`` that need a gradient, inputs before outputs."""
+    order: list[Tensor] = []
+    visited: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:  # iterative post-order DFS: deep graphs must not hit the recursion limit
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        for parent in node._parents:
+            if parent.requires_grad and id(parent) not in visited:
+                stack.append((parent, False))
+    return order
+
+
+def _root(a: Any) -> int:
+    """Identity of the memory an array lives in (views share their base's identity)."""
+    base = getattr(a, "base", None)
+    return id(base if base is not None else a)
+
+
+def run_backward(root: Tensor, grad: Any) -> None:
+    """Apply the chain rule from ``root`` (with dL/droot = ``grad``) back to the leaves.
+
+    Intermediate gradients live in a dict only until their node has been processed, so memory
+    holds at most the gradients of the current "frontier". An array that a Function returned
+    may alias another returned array (``add`` hands the same gradient to both inputs), so an
+    array is copied before it would be modified in place if its memory was handed out before.
+    """
+    if not root.requires_grad:
+        raise RuntimeError("backward() on a tensor that does not require a gradient")
+    grads: dict[int, list] = {id(root): [grad, False]}  # id -> [array, owned by us?]
+    # Memory already stored as some leaf's .grad in this pass (and the caller's own array).
+    leaf_memory: set[int] = {_root(grad)}
+
+    def accumulate(tensor: Tensor, g: Any) -> None:
+        slot = grads.get(id(tensor))
+        if slot is None:
+            grads[id(tensor)] = [g, False]
+        elif slot[1]:
+            slot[0] += g
+        else:  # first accumulation: make an array of our own, then add in place from now on
+            slot[0] = slot[0] + g
+            slot[1] = True
+
+    for node in reversed(_topological_order(root)):
+        slot = grads.pop(id(node), None)
+        if slot is None:
+            continue
+        g = slot[0]
+        if node._fn is None:  # a leaf: store and announce its gradient
+            if node.grad is None:
+                if not (slot[1] or _shares_nothing(g, leaf_memory, grads)):
+                    g = g.copy()
+                node.grad = g
+                leaf_memory.add(_root(g))
+            else:
+                node.grad += g
+            for hook in node._hooks:
+                hook(node)
+            continue
+        ctx = node._ctx
+        input_grads = node._fn.backward(ctx, g)
+        if not isinstance(input_grads, tuple):
+            input_grads = (input_grads,)
+        for parent, pg in zip(node._parents, input_grads, strict=True):
+            if pg is not None and parent.requires_grad:
+                if pg.shape != parent.data.shape:
+                    raise RuntimeError(
+                        f"{node._fn.__name__}.backward returned a gradient of shape {pg.shape} "
+                        f"for an input of shape {parent.data.shape}"
+                    )
+                accumulate(parent, pg)
+        # The graph below this node is no longer needed for this pass; free saved arrays
+        # early so that activations do not outlive their use.
+        node._ctx = None
+        node._parents = ()
+        node._fn = None
+
+
+def _shares_nothing(g: Any, leaf_memory: set[int], grads: dict[int, list]) -> bool:
+    """True when neither a pending gradient nor a stored leaf gradient shares ``g``'s memory."""
+    r = _root(g)
+    return r not in leaf_memory and not any(_root(s[0]) == r for s in grads.values())
+
+
+from mpipar import ops  # noqa: E402  (ops needs Tensor and Function defined above)

@@ -1,0 +1,278 @@
+"""A GPT-2 style language model: pre-LayerNorm blocks, tanh-GELU MLP, learned positions.
+
+    idx (B, T) ─► wte[idx] + wpe[0..T) ─► dropout ─► n_layer × Block ─► ln_f ─► x·wteᵀ ─► logits
+    Block:  x = x + dropout(attn(ln_1(x)));   x = x + dropout(mlp(ln_2(x)))
+
+The lm_head is tied to the token embedding (the same matrix wte is used to embed and to score).
+
+The same classes serve every parallel layout. Which linear and embedding layers are built
+comes from a ``layers`` object: ``SerialLayers`` here, a tensor-parallel one elsewhere with the
+same methods (column-/row-parallel linears, vocab-parallel embedding and loss). A pipeline
+stage builds only its share: ``first_layer``..``last_layer`` and, on the first and last
+stage, the embedding (``pre``) and the final norm and head (``post``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from mpipar import ops
+from mpipar.autograd import Tensor
+from mpipar.backend import get_xp
+from mpipar.nn import (
+    Dropout,
+    DropoutKey,
+    Embedding,
+    Init,
+    LayerNorm,
+    Linear,
+    Module,
+    ModuleList,
+    Parameter,
+)
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Model shape. ``seq_len`` is the context length (block size)."""
+
+    vocab_size: int = 65
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 64
+    seq_len: int = 32
+    dropout: float = 0.0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for field in ("vocab_size", "n_layer", "n_head", "d_model", "seq_len"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head {self.n_head} does not divide d_model {self.d_model}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_(self, **changes: Any) -> GPTConfig:
+        return replace(self, **changes)
+
+
+# DESIGN.md §2 presets: model shape and the default global batch size (sequences).
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(n_layer=4, n_head=4, d_model=64, seq_len=32, batch_size=8),
+    "small": dict(n_layer=2, n_head=4, d_model=128, seq_len=64, batch_size=16),
+    "medium": dict(n_layer=4, n_head=4, d_model=256, seq_len=128, batch_size=32),
+}
+
+
+def residual_std(n_layer: int) -> float:
+    """GPT-2 scales the init of projections into the residual stream by 1/√(2·n_layer)."""
+    return 0.02 / math.sqrt(2 * n_layer)
+
+
+class SerialLayers:
+    """Layer choices for the 1-process model; tensor parallelism supplies parallel versions.
+
+    ``column_linear`` maps the replicated input to an output a tensor-parallel rank would hold a
+    slice of (columns); ``row_linear`` maps such a slice back to a full, replicated output.
+    ``seq_index`` and ``head_index`` say which part of a full activation this rank holds
+    (empty here: all of it), so dropout masks can be sliced to match the 1-process model.
+    """
+
+    tp_size = 1
+    seq_parts = 1  # into how many pieces the sequence axis is split between blocks
+    seq_index: tuple = ()  # which piece this rank holds, as an index (empty: all)
+
+    def __init__(self, dtype: Any = np.float32) -> None:
+        self.dtype = dtype
+
+    def head_index(self, n_head: int) -> tuple:
+        return ()
+
+    def local_heads(self, n_head: int) -> int:
+        return n_head
+
+    def column_linear(self, d_in: int, d_out: int, std: float, *, qkv: bool = False) -> Module:
+        return Linear(d_in, d_out, std=std, dtype=self.dtype)
+
+    def row_linear(self, d_in: int, d_out: int, std: float) -> Module:
+        return Linear(d_in, d_out, std=std, dtype=self.dtype)
+
+    def token_embedding(self, vocab_size: int, d_model: int) -> Module:
+        return Embedding(vocab_size, d_model, dtype=self.dtype)
+
+    def enter_blocks(self, x: Tensor) -> Tensor:
+        """Between the embedding and the first block (sequence parallelism splits here)."""
+        return x
+
+    def exit_blocks(self, x: Tensor) -> Tensor:
+        """Between the final LayerNorm and the head (sequence parallelism gathers here)."""
+        return x
+
+    def lm_loss(self, h: Tensor, wte: Parameter, targets: Any) -> Tensor:
+        """Mean cross-entropy of the tied head: logits = h · wteᵀ, (B, T, V)."""
+        return ops.cross_entropy(ops.linear(h, wte), targets)
+
+    def lm_logits(self, h: Tensor, wte: Parameter) -> Tensor:
+        """Full logits (B, T, V) for generation."""
+        return ops.linear(h, wte)
+
+
+class CausalSelfAttention(Module):
+    """Multi-head attention; the qkv projection packs [q | k | v] as (B, T, 3·d_model)."""
+
+    def __init__(self, cfg: GPTConfig, layers: SerialLayers, site: int) -> None:
+        d = cfg.d_model
+        self.n_head = cfg.n_head
+        self.n_local_heads = layers.local_heads(cfg.n_head)
+        self.head_index = layers.head_index(cfg.n_head)
+        self.qkv = layers.column_linear(d, 3 * d, 0.02, qkv=True)
+        self.proj = layers.row_linear(d, d, residual_std(cfg.n_layer))
+        self.attn_drop = Dropout(cfg.dropout, site)
+
+    def forward(self, x: Tensor, key: DropoutKey | None = None) -> Tensor:
+        qkv = self.qkv(x)  # (B, T, 3·C_local)
+        mask = None
+        if self.attn_drop.active(key):
+            b, t = x.shape[0], qkv.shape[1]
+            # Attention probabilities are (B, H, T, T); under sequence parallelism the
+            # queries' sequence axis is gathered back inside qkv, so T is the full length.
+            full = (key.global_batch, self.n_head, t, t)
+            mask = self.attn_drop.mask_from_full(key, full, self.head_index)
+            mask = mask.astype(qkv.dtype, copy=False)
+            assert mask.shape[0] == b
+        y = ops.causal_attention(qkv, self.n_local_heads, mask)  # (B, T, C_local)
+        return self.proj(y)
+
+
+class MLP(Module):
+    """x ↦ W₂ gelu(W₁ x + b₁) + b₂ with hidden width 4·d_model."""
+
+    def __init__(self, cfg: GPTConfig, layers: SerialLayers) -> None:
+        d = cfg.d_model
+        self.fc = layers.column_linear(d, 4 * d, 0.02)
+        self.proj = layers.row_linear(4 * d, d, residual_std(cfg.n_layer))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(ops.gelu(self.fc(x)))
+
+
+def residual_dropout(drop: Dropout, x: Tensor, key: DropoutKey | None,
+                     layers: SerialLayers) -> Tensor:
+    """Dropout on a (B, T, d) activation of the residual stream, masked as the serial model.
+
+    Under sequence parallelism x holds one of ``layers.seq_parts`` pieces of the sequence.
+    """
+    if not drop.active(key):
+        return x
+    full = (key.global_batch, x.shape[1] * layers.seq_parts, *x.shape[2:])
+    mask = drop.mask_from_full(key, full, layers.seq_index)
+    return ops.dropout(x, mask.astype(x.dtype, copy=False))
+
+
+class Block(Module):
+    """Pre-LayerNorm transformer block; dropout sites 3·i (attention), 3·i+1, 3·i+2 (residual)."""
+
+    def __init__(self, cfg: GPTConfig, layers: SerialLayers, index: int) -> None:
+        self.ln_1 = LayerNorm(cfg.d_model, dtype=layers.dtype)
+        self.attn = CausalSelfAttention(cfg, layers, site=3 * index + 1)
+        self.ln_2 = LayerNorm(cfg.d_model, dtype=layers.dtype)
+        self.mlp = MLP(cfg, layers)
+        self.drop_attn = Dropout(cfg.dropout, site=3 * index + 2)
+        self.drop_mlp = Dropout(cfg.dropout, site=3 * index + 3)
+        self.layers = layers
+
+    def forward(self, x: Tensor, key: DropoutKey | None = None) -> Tensor:
+        x = x + residual_dropout(self.drop_attn, self.attn(self.ln_1(x), key), key, self.layers)
+        x = x + residual_dropout(self.drop_mlp, self.mlp(self.ln_2(x)), key, self.layers)
+        return x
+
+
+class GPT(Module):
+    """The model, or one pipeline stage of it (``first_layer``..``last_layer``, pre, post)."""
+
+    def __init__(self, cfg: GPTConfig, layers: SerialLayers | None = None, *,
+                 first_layer: int = 0, last_layer: int | None = None,
+                 pre: bool = True, post: bool = True) -> None:
+        dtype = np.dtype(cfg.dtype)
+        layers = layers if layers is not None else SerialLayers(dtype)
+        last_layer = cfg.n_layer if last_layer is None else last_layer
+        self.cfg = cfg
+        self.layers = layers
+        self.pre, self.post = pre, post
+        if pre or post:
+            # The tied matrix: used by the embedding (first stage) and the head (last stage).
+            self.wte = layers.token_embedding(cfg.vocab_size, cfg.d_model)
+        if pre:
+            self.wpe = Embedding(cfg.seq_len, cfg.d_model, std=0.01, dtype=dtype)
+            self.drop = Dropout(cfg.dropout, site=0)
+        self.blocks = ModuleList(
+            [Block(cfg, layers, i) for i in range(first_layer, last_layer)], start=first_layer
+        )
+        if post:
+            self.ln_f = LayerNorm(cfg.d_model, dtype=dtype)
+        self.name_parameters()
+        if pre and post:
+            self.wte.weight.tied = True
+
+    def embed(self, idx: Any, key: DropoutKey | None = None) -> Tensor:
+        """(B, T) token ids → (B, T, d_model) hidden states entering the first block."""
+        xp = get_xp()
+        t = idx.shape[1]
+        if t > self.cfg.seq_len:
+            raise ValueError(f"sequence of length {t} exceeds seq_len {self.cfg.seq_len}")
+        x = self.wte(idx) + self.wpe(xp.arange(t))
+        x = self.layers.enter_blocks(x)
+        return residual_dropout(self.drop, x, key, self.layers)
+
+    def forward(self, x: Any, targets: Any = None, key: DropoutKey | None = None) -> Tensor:
+        """Token ids (first stage) or hidden states → loss (with targets), logits, or hidden.
+
+        The loss is the mean cross-entropy over every position of this batch.
+        """
+        if self.pre:
+            x = self.embed(x, key)
+        for block in self.blocks:
+            x = block(x, key)
+        if not self.post:
+            return x
+        x = self.layers.exit_blocks(self.ln_f(x))
+        if targets is None:
+            return self.layers.lm_logits(x, self.wte.weight)
+        return self.layers.lm_loss(x, self.wte.weight, targets)
+
+
+def matmul_params(cfg: GPTConfig) -> int:
+    """Parameters that take part in a matrix multiply per token: blocks and the tied head."""
+    d = cfg.d_model
+    return cfg.n_layer * 12 * d * d + cfg.vocab_size * d
+
+
+def flops_per_token(cfg: GPTConfig) -> int:
+    """Training FLOPs per token: 6·(matmul parameters) + 6·n_layer·seq_len·d_model."""
+    return 6 * matmul_params(cfg) + 6 * cfg.n_layer * cfg.seq_len * cfg.d_model
+
+
+def build_model(cfg: GPTConfig, seed: int, layers: SerialLayers | None = None,
+                **stage: Any) -> GPT:
+    """A GPT (or stage) with every parameter at its seed-determined initial value."""
+    model = GPT(cfg, layers, **stage)
+    model.initialize(seed)
+    return model
+
+
+__all__ = ["GPT", "GPTConfig", "PRESETS", "SerialLayers", "Init", "build_model",
+           "flops_per_token", "matmul_params"]
