@@ -1,0 +1,81 @@
+"""Generate text from a saved checkpoint: ``python -m mpipar.sample --checkpoint DIR``.
+
+Sampling draws each next token from softmax(logits / temperature), restricted to the
+``top_k`` most likely tokens when given. The random stream is ``default_rng(seed)``, so the
+same checkpoint, prompt and seed give the same text in every layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+
+def sample_tokens(logits_fn: Callable[[np.ndarray], np.ndarray], prompt: list[int], n: int,
+                  seq_len: int, *, temperature: float = 1.0, top_k: int | None = None,
+                  seed: int = 0) -> list[int]:
+    """Extend ``prompt`` by ``n`` tokens. ``logits_fn(idx (1, t)) -> (1, V)`` next-token logits.
+
+    The context is cropped to the last ``seq_len`` tokens. ``temperature`` 0 means greedy.
+    """
+    rng = np.random.default_rng(seed)
+    tokens = list(prompt)
+    for _ in range(n):
+        idx = np.asarray([tokens[-seq_len:]], dtype=np.int64)
+        logits = np.asarray(logits_fn(idx), dtype=np.float64)[0]
+        if temperature <= 0:
+            tokens.append(int(np.argmax(logits)))
+            continue
+        logits = logits / temperature
+        if top_k is not None and 0 < top_k < logits.size:
+            cutoff = np.partition(logits, -top_k)[-top_k]
+            logits = np.where(logits < cutoff, -np.inf, logits)
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        tokens.append(int(rng.choice(p.size, p=p)))
+    return tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mpipar.checkpoint import CheckpointError, check_state, load_checkpoint
+    from mpipar.data import CharTokenizer
+    from mpipar.model import GPT, GPTConfig
+
+    ap = argparse.ArgumentParser(prog="python -m mpipar.sample",
+                                 description="Generate text from a checkpoint saved by "
+                                             "train.py --save DIR.")
+    ap.add_argument("--checkpoint", required=True, help="directory written by --save")
+    ap.add_argument("-n", "--num-chars", type=int, default=200, help="characters to generate")
+    ap.add_argument("--prompt", default="\n", help="text to start from (default: a newline)")
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        arrays, meta = load_checkpoint(args.checkpoint)
+        cfg = GPTConfig(**meta["model"])
+        tok = CharTokenizer.from_chars(meta["tokenizer"])
+        model = GPT(cfg)
+        model_state = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
+        check_state({n: tuple(p.shape) for n, p in model.named_parameters()}, model_state)
+        model.load_state_dict(model_state)
+        prompt = tok.encode(args.prompt).tolist() or [0]
+    except (CheckpointError, KeyError, ValueError, TypeError) as exc:
+        print(f"sample: error: {exc}", file=sys.stderr)
+        return 2
+    from mpipar.autograd import no_grad
+
+    model.eval()
+    with no_grad():
+        out = sample_tokens(lambda idx: model(idx).data[:, -1, :], prompt, args.num_chars,
+                            cfg.seq_len, temperature=args.temperature, top_k=args.top_k,
+                            seed=args.seed)
+    print(tok.decode(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
