@@ -36,9 +36,11 @@ class Parameter(Tensor):
     ``shard_index`` the numpy index that selects this rank's part of it (``None``: all of it).
     Tensor parallelism sets them; ``replicated_in_tp`` says whether tensor-parallel peers hold
     the same values (LayerNorm gains, row-parallel biases), which matters for the gradient norm.
+    ``local_index`` is where in ``data`` those values go (``...``: all of it); it differs only
+    for a padded shard (a vocabulary that tp does not divide), whose padding rows stay zero.
     """
 
-    __slots__ = ("init", "full_shape", "shard_index", "replicated_in_tp", "tied")
+    __slots__ = ("init", "full_shape", "shard_index", "local_index", "replicated_in_tp", "tied")
 
     def __init__(self, shape: tuple[int, ...], init: Init, dtype: Any = np.float32,
                  full_shape: tuple[int, ...] | None = None, shard_index: Any = None) -> None:
@@ -46,6 +48,7 @@ class Parameter(Tensor):
         self.init = init
         self.full_shape = tuple(full_shape) if full_shape is not None else tuple(shape)
         self.shard_index = shard_index
+        self.local_index: Any = ...
         self.replicated_in_tp = shard_index is None
         self.tied = False
 
@@ -102,7 +105,7 @@ class Module:
         for name, p in self.named_parameters():
             full = initial_value(seed, name, p.init, p.full_shape)
             part = full if p.shard_index is None else full[p.shard_index]
-            p.data[...] = get_xp().asarray(part.astype(p.data.dtype))
+            p.data[p.local_index] = get_xp().asarray(part.astype(p.data.dtype))
 
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())

@@ -349,8 +349,10 @@ class Trainer:
         full_shape = tuple(int(s) for s in head[2:2 + head[0]])
         buf = np.zeros(full_shape, dtype=np.int64 if head[1] else self.dtype)
         if owner:
-            index = p.shard_index if p is not None and p.shard_index is not None else ...
-            buf[index] = to_numpy(local)
+            if p is None or p.shard_index is None:
+                buf[...] = to_numpy(local)
+            else:
+                buf[p.shard_index] = to_numpy(local)[p.local_index]
         self.grid.world.allreduce(buf)
         return buf
 
@@ -370,15 +372,19 @@ class Trainer:
         for p in self.params:
             full = model_state[p.name]
             part = full if p.shard_index is None else full[p.shard_index]
-            p.data[...] = get_xp().asarray(part.astype(p.data.dtype, copy=False))
+            p.data[p.local_index] = get_xp().asarray(part.astype(p.data.dtype, copy=False))
         local_opt = {}
         for key, value in opt_state.items():
             pname = key.split(".", 2)[2] if key.count(".") >= 2 else None
             p = next((q for q in self.params if q.name == pname), None) if pname else None
             if pname is not None and p is None:
                 continue  # a parameter another rank holds
-            local_opt[key] = value if p is None or p.shard_index is None else value[
-                p.shard_index]
+            if p is None or p.shard_index is None:
+                local_opt[key] = value
+            else:  # the optimizer state of a shard has the shard's (padded) local shape
+                local = np.zeros(p.shape, dtype=value.dtype)
+                local[p.local_index] = value[p.shard_index]
+                local_opt[key] = local
         self.optimizer.load_state_dict(local_opt)
 
     def expected_model_shapes(self) -> dict[str, tuple[int, ...]]:
