@@ -1,0 +1,418 @@
+"""The communication layer: every byte that leaves a rank goes through :class:`Comm`.
+
+``Comm`` wraps one MPI communicator (the whole job, or one of the dp/tp/pp groups made by
+:class:`mpipar.grid.ProcessGrid`) and gives it the handful of operations that data, tensor and
+pipeline parallelism are built from:
+
+==================  ==========================================================================
+``allreduce``       every rank ends with the elementwise sum (max, min) of all ranks' buffers
+``reduce_scatter``  rank i ends with block i of that sum (a 1/n slice)
+``allgather``       every rank ends with the concatenation of all ranks' buffers
+``broadcast``       every rank ends with the root's buffer
+``send``/``recv``   point to point, blocking; ``sendrecv`` both at once (no deadlock)
+``isend``/``irecv`` point to point, non-blocking: return a :class:`Request` to ``wait`` on
+``iallreduce``      non-blocking all-reduce (lets gradient reduction overlap backward compute)
+==================  ==========================================================================
+
+Arrays travel as raw buffers through mpi4py's upper-case calls (``Allreduce``, ``Send``, ...),
+never pickled; only small control messages (:meth:`Comm.allgather_object`,
+:meth:`Comm.bcast_object`) use the pickling lower-case calls. Buffers must be C-contiguous.
+
+Every data call is traced (see :mod:`mpipar.trace`) with op, group name, peer as a *global*
+rank, bytes (the ``nbytes`` of the buffer this rank hands in), dtype and shape. Control-plane
+calls are not traced: they are not part of the model's communication.
+
+GPU arrays. With cupy arrays the same code runs: a buffer is first copied to host memory
+(``to_numpy``, which waits for the kernels that produced it), MPI moves the host copy, and
+received data is copied back to the device. An MPI built with CUDA support can read device
+memory directly; set the environment variable ``MPIPAR_CUDA_AWARE_MPI=1`` to skip the host
+copies (the device is then synchronised before each call, since MPI does not see CUDA streams).
+
+This module and :mod:`mpipar.grid` are the only ones that import mpi4py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from mpipar.backend import array_module, to_numpy
+from mpipar.trace import Tracer
+
+CUDA_AWARE_ENV = "MPIPAR_CUDA_AWARE_MPI"
+
+# Reductions are named by string at call sites ("sum") and looked up here, once.
+_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+
+
+def _mpi_op(op: str) -> MPI.Op:
+    try:
+        return _OPS[op]
+    except KeyError:
+        raise ValueError(f"unknown reduction {op!r}; expected one of {sorted(_OPS)}") from None
+
+
+def cuda_aware_mpi() -> bool:
+    """True when ``MPIPAR_CUDA_AWARE_MPI`` is set (non-empty, not ``0``)."""
+    return os.environ.get(CUDA_AWARE_ENV, "0") not in ("", "0")
+
+
+def _staged(buf: Any, *, copy_in: bool) -> Any:
+    """The array MPI actually reads or writes for ``buf`` (same shape and dtype).
+
+    numpy: ``buf`` itself. cupy: a host copy of it (``copy_in``: filled with ``buf``'s values,
+    else uninitialised, for receive-only buffers), or ``buf`` itself after a device
+    synchronisation when the MPI is CUDA-aware.
+    """
+    if not buf.flags.c_contiguous:
+        raise ValueError(
+            f"MPI needs a C-contiguous buffer, got shape {buf.shape} with strides "
+            f"{buf.strides}; pass ascontiguousarray(x)"
+        )
+    if isinstance(buf, np.ndarray):
+        return buf
+    if cuda_aware_mpi():
+        array_module(buf).cuda.get_current_stream().synchronize()
+        return buf
+    return to_numpy(buf) if copy_in else np.empty(buf.shape, dtype=buf.dtype)
+
+
+def _unstage(buf: Any, staged: Any) -> None:
+    """Copy received data back into ``buf`` when MPI wrote into a host copy of it."""
+    if staged is not buf:
+        buf[...] = array_module(buf).asarray(staged)
+
+
+def _check_same(a: Any, b: Any, what: str) -> None:
+    if a.dtype != b.dtype:
+        raise ValueError(f"{what}: dtypes differ ({a.dtype} vs {b.dtype})")
+
+
+class Request:
+    """A non-blocking call in flight. ``wait()`` blocks until it completes; ``test()`` polls.
+
+    Until completion the buffer belongs to MPI: don't read a receive buffer or write a send
+    buffer. The trace record spans launch to completion (as seen by ``wait``/``test``), so
+    its duration includes the time the call overlapped with compute.
+    """
+
+    def __init__(
+        self,
+        comm: Comm,
+        mpi_request: MPI.Request,
+        op: str,
+        peer: int | None,
+        buf: Any,
+        staged: Any,
+        copy_out: bool,
+        start: float,
+    ) -> None:
+        self.comm = comm
+        self.buf = buf
+        self.done = False
+        self._req = mpi_request
+        self._op = op
+        self._peer = peer
+        self._staged = staged  # keeps the buffer MPI works on alive until completion
+        self._copy_out = copy_out
+        self._start = start
+        tr = comm.tracer
+        # Stamp phase/step/microbatch now: the wait may happen in a later phase.
+        self._stamp = (tr.phase, tr.step, tr.microbatch) if tr.enabled else None
+
+    def wait(self) -> Any:
+        """Block until complete; returns the buffer (for a receive: now holding the data)."""
+        if not self.done:
+            self._req.Wait()
+            self._finish()
+        return self.buf
+
+    def test(self) -> bool:
+        """True (and the buffer is ready) if the call has completed; never blocks."""
+        if not self.done and self._req.Test():
+            self._finish()
+        return self.done
+
+    def _finish(self) -> None:
+        self.done = True
+        if self._copy_out:
+            _unstage(self.buf, self._staged)
+        if self._stamp is not None:
+            phase, step, microbatch = self._stamp
+            self.comm.tracer.record(
+                self._op, self.comm.group, self._peer, self.buf.nbytes, self.buf.dtype,
+                self.buf.shape, self._start, time.perf_counter(),
+                phase=phase, step=step, microbatch=microbatch,
+            )
+
+
+def wait_all(requests: Sequence[Request]) -> list[Any]:
+    """Wait for every request (one ``MPI_Waitall``); returns their buffers in order."""
+    pending = [r for r in requests if not r.done]
+    if pending:
+        MPI.Request.Waitall([r._req for r in pending])
+        for r in pending:
+            r._finish()
+    return [r.buf for r in requests]
+
+
+class Comm:
+    """One communicator (a group of ranks) with traced array collectives and p2p calls.
+
+    ``rank``/``size`` are this process's rank in the group and the group's size; ``members``
+    lists the global rank of each group rank, so ``members[self.rank]`` is the global rank.
+    Point-to-point ``dest``/``source`` arguments are ranks *in this group*; trace records
+    translate them to global ranks.
+    """
+
+    def __init__(self, mpi_comm: MPI.Comm, group: str, tracer: Tracer | None = None) -> None:
+        self.mpi = mpi_comm
+        self.group = group
+        self.rank = mpi_comm.Get_rank()
+        self.size = mpi_comm.Get_size()
+        # Without a tracer we still hold a disabled one, so each call checks one attribute.
+        self.tracer = tracer if tracer is not None else Tracer(MPI.COMM_WORLD.Get_rank())
+        mine, world = mpi_comm.Get_group(), MPI.COMM_WORLD.Get_group()
+        self.members: tuple[int, ...] = tuple(
+            MPI.Group.Translate_ranks(mine, list(range(self.size)), world)
+        )
+        mine.Free()
+        world.Free()
+
+    @classmethod
+    def world(cls, tracer: Tracer | None = None) -> Comm:
+        """All processes of the job (``MPI.COMM_WORLD``), group name ``"world"``."""
+        return cls(MPI.COMM_WORLD, "world", tracer)
+
+    def __repr__(self) -> str:
+        return (
+            f"Comm(group={self.group!r}, rank={self.rank}, size={self.size}, "
+            f"members={self.members})"
+        )
+
+    def _trace(self, op: str, peer: int | None, buf: Any, start: float) -> None:
+        self.tracer.record(
+            op, self.group, peer, buf.nbytes, buf.dtype, buf.shape, start, time.perf_counter()
+        )
+
+    # ---- collectives -------------------------------------------------------------------
+
+    def allreduce(self, buf: Any, out: Any | None = None, op: str = "sum") -> Any:
+        """``out = op(buf over all ranks)``, elementwise; in place in ``buf`` when no ``out``.
+
+        Returns the array holding the result. Every rank must pass the same shape and dtype.
+        """
+        mpi_op = _mpi_op(op)
+        start = time.perf_counter() if self.tracer.enabled else 0.0
+        send = _staged(buf, copy_in=True)
+        if out is None:
+            self.mpi.Allreduce(MPI.IN_PLACE, send, op=mpi_op)
+            _unstage(buf, send)
+            result = buf
+        else:
+            _check_same(buf, out, "allreduce")
+            if out.size != buf.size:
+                raise ValueError(f"allreduce: out has {out.size} elements, buf {buf.size}")
+            recv = _staged(out, copy_in=False)
+            self.mpi.Allreduce(send, recv, op=mpi_op)
+            _unstage(out, recv)
+            result = out
+        if self.tracer.enabled:
+            self._trace("allreduce", None, buf, start)
+        return result
+
+    def reduce_scatter(self, send: Any, recv: Any, op: str = "sum") -> Any:
+        """``recv = op over ranks of send.reshape(size, -1)[self.rank]`` (equal blocks).
+
+        Viewed flat, ``send`` is ``size`` consecutive blocks of ``recv.size`` elements; rank i
+        gets the reduction of every rank's block i. Returns ``recv``.
+        """
+        if send.size != self.size * recv.size:
+            raise ValueError(
+                f"reduce_scatter: send has {send.size} elements, expected size {self.size} "
+                f"× recv {recv.size} = {self.size * recv.size}"
+            )
+        _check_same(send, recv, "reduce_scatter")
+        mpi_op = _mpi_op(op)
+        start = time.perf_counter() if self.tracer.enabled else 0.0
+        s, r = _staged(send, copy_in=True), _staged(recv, copy_in=False)
+        self.mpi.Reduce_scatter_block(s, r, op=mpi_op)
+        _unstage(recv, r)
+        if self.tracer.enabled:
+            self._trace("reduce_scatter", None, send, start)
+        return recv
+
+    def allgather(self, send: Any, recv: Any) -> Any:
+        """``recv`` (flat) = rank 0's ``send``, then rank 1's, ...; returns ``recv``."""
+        if recv.size != self.size * send.size:
+            raise ValueError(
+                f"allgather: recv has {recv.size} elements, expected size {self.size} "
+                f"× send {send.size} = {self.size * send.size}"
+            )
+        _check_same(send, recv, "allgather")
+        start = time.perf_counter() if self.tracer.enabled else 0.0
+        s, r = _staged(send, copy_in=True), _staged(recv, copy_in=False)
+        self.mpi.Allgather(s, r)
+        _unstage(recv, r)
+        if self.tracer.enabled:
+            self._trace("allgather", None, send, start)
+        return recv
+
+    def broadcast(self, buf: Any, root: int = 0) -> Any:
+        """Copy ``root``'s ``buf`` into every rank's ``buf`` (in place); returns ``buf``."""
+        start = time.perf_counter() if self.tracer.enabled else 0.0
+        staged = _staged(buf, copy_in=self.rank == root)
+        self.mpi.Bcast(staged, root=root)
+        _unstage(buf, staged)
+        if self.tracer.enabled:
+            self._trace("broadcast", None, buf, start)
+        return buf
+
+    def barrier(self) -> None:
+        """Block until every rank of the group has arrived (traced with 0 bytes)."""
+        start = time.perf_counter() if self.tracer.enabled else 0.0
+        self.mpi.Barrier()
+        if self.tracer.enabled:
+            self.tracer.record("barrier", self.group, None, 0, "", (), start, time.perf_counter())
+
+    # ---- point to point ----------------------------------------------------------------
+
+    def send(self, buf: Any, dest: int, tag: int = 0) -> None:
+        """Blocking send to group rank ``dest`` (may wait until ``dest`` posts its receive)."""
+        start = time.perf_counter() if self.tracer.enabled else 0.0
+        self.mpi.Send(_staged(buf, copy_in=True), dest=dest, tag=tag)
+        if self.tracer.enabled:
+            self._trace("send", self.members[dest], buf, start)
+
+    def recv(self, buf: Any, source: int, tag: int = 0) -> Any:
+        """Blocking receive from group rank ``source`` into ``buf``; returns ``buf``."""
+        start = time.perf_counter() if self.tracer.enabled else 0.0
+        staged = _staged(buf, copy_in=False)
+        self.mpi.Recv(staged, source=source, tag=tag)
+        _unstage(buf, staged)
+        if self.tracer.enabled:
+            self._trace("recv", self.members[source], buf, start)
+        return buf
+
+    def sendrecv(
+        self,
+        sendbuf: Any,
+        dest: int,
+        recvbuf: Any,
+        source: int,
+        sendtag: int = 0,
+        recvtag: int = 0,
+    ) -> Any:
+        """Send ``sendbuf`` to ``dest`` while receiving into ``recvbuf`` from ``source``.
+
+        One call, so a ring of ranks each sending right and receiving left cannot deadlock
+        (two blocking ``send`` s facing each other can). Traced with ``peer`` = ``dest`` and
+        the bytes sent. Returns ``recvbuf``.
+        """
+        start = time.perf_counter() if self.tracer.enabled else 0.0
+        s, r = _staged(sendbuf, copy_in=True), _staged(recvbuf, copy_in=False)
+        self.mpi.Sendrecv(s, dest, sendtag, r, source, recvtag)
+        _unstage(recvbuf, r)
+        if self.tracer.enabled:
+            self._trace("sendrecv", self.members[dest], sendbuf, start)
+        return recvbuf
+
+    # ---- non-blocking ------------------------------------------------------------------
+
+    def isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
+        """Start sending ``buf`` to ``dest``; don't modify ``buf`` before ``wait``."""
+        start = time.perf_counter() if self.tracer.enabled else 0.0
+        staged = _staged(buf, copy_in=True)
+        req = self.mpi.Isend(staged, dest=dest, tag=tag)
+        return Request(self, req, "isend", self.members[dest], buf, staged, False, start)
+
+    def irecv(self, buf: Any, source: int, tag: int = 0) -> Request:
+        """Start receiving into ``buf`` from ``source``; ``buf`` holds the data after ``wait``."""
+        start = time.perf_counter() if self.tracer.enabled else 0.0
+        staged = _staged(buf, copy_in=False)
+        req = self.mpi.Irecv(staged, source=source, tag=tag)
+        return Request(self, req, "irecv", self.members[source], buf, staged, True, start)
+
+    def iallreduce(self, buf: Any, op: str = "sum") -> Request:
+        """Start an in-place all-reduce of ``buf``; the result is there after ``wait``."""
+        mpi_op = _mpi_op(op)
+        start = time.perf_counter() if self.tracer.enabled else 0.0
+        staged = _staged(buf, copy_in=True)
+        req = self.mpi.Iallreduce(MPI.IN_PLACE, staged, op=mpi_op)
+        return Request(self, req, "iallreduce", None, buf, staged, True, start)
+
+    wait_all = staticmethod(wait_all)
+
+    # ---- groups and control messages ---------------------------------------------------
+
+    def split(self, color: int | None, key: int, group: str) -> Comm | None:
+        """Partition this group: ranks with equal ``color`` form a new group, ordered by ``key``.
+
+        Collective over this group. ``color=None`` opts out (``MPI.UNDEFINED``) and returns
+        ``None``. The new ``Comm`` shares this one's tracer and is named ``group``.
+        """
+        mpi_color = MPI.UNDEFINED if color is None else color
+        new = self.mpi.Split(mpi_color, key)
+        if new == MPI.COMM_NULL:
+            return None
+        return Comm(new, group, self.tracer)
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        """Control plane: every rank gets the list of all ranks' (pickled) ``obj``.
+
+        For small Python values (config hashes, shapes, metrics); never for tensors.
+        """
+        return self.mpi.allgather(obj)
+
+    def bcast_object(self, obj: Any, root: int = 0) -> Any:
+        """Control plane: every rank gets ``root``'s (pickled) ``obj``."""
+        return self.mpi.bcast(obj, root=root)
+
+    def gather_object(self, obj: Any, root: int = 0) -> list[Any] | None:
+        """Control plane: ``root`` gets the list of all ranks' ``obj``; others get ``None``.
+
+        Used to collect trace records and metrics on one rank for writing.
+        """
+        return self.mpi.gather(obj, root=root)
+
+
+def world_size_and_rank() -> tuple[int, int]:
+    """``(size, rank)`` of the job; ``(1, 0)`` when started without ``mpirun``."""
+    return MPI.COMM_WORLD.Get_size(), MPI.COMM_WORLD.Get_rank()
+
+
+def install_excepthook(world: Comm) -> None:
+    """Make an uncaught exception on any rank end the whole job, loudly and promptly.
+
+    Without this, a rank that dies leaves the others blocked forever in their next
+    collective. The hook writes the traceback to stderr with every line prefixed
+    ``[rank R] `` (the ranks' outputs are interleaved), flushes, and calls
+    ``MPI.COMM_WORLD.Abort(1)``; the launcher then kills all ranks and exits non-zero
+    (MPICH's ``mpiexec`` exits with the abort code, 1). ``SystemExit`` is not an error here:
+    it bypasses the hook, so a configuration error raised as ``SystemExit(2)`` on *every*
+    rank exits 2. In a 1-process run the hook prints and lets Python exit 1 without Abort.
+    """
+    rank = world.members[world.rank]
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if issubclass(exc_type, SystemExit):  # Python never routes it here; be explicit
+            previous(exc_type, exc, tb)
+            return
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        try:
+            sys.stdout.flush()
+            sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in text.splitlines()))
+            sys.stderr.flush()
+        finally:
+            if MPI.COMM_WORLD.Get_size() > 1:
+                MPI.COMM_WORLD.Abort(1)
+
+    sys.excepthook = hook

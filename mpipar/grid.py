@@ -1,0 +1,321 @@
+"""The process grid: how ``world = dp × tp × pp`` ranks are arranged and grouped.
+
+A run with data-parallel size D, tensor-parallel size T and pipeline size P places global
+rank r at coordinates (pp, dp, tp) with tp varying fastest, then dp, then pp::
+
+    tp = r % T          dp = (r // T) % D          pp = r // (T × D)
+
+so the T ranks of a tensor-parallel group are neighbours (they exchange activations in every
+layer and talk the most; on a real cluster neighbours share a node). For D=2, T=2, P=2::
+
+    pp stage 0:  dp 0: ranks 0 1   dp 1: ranks 2 3      (tp groups {0,1} {2,3} {4,5} {6,7})
+    pp stage 1:  dp 0: ranks 4 5   dp 1: ranks 6 7      (dp groups {0,2} {1,3} {4,6} {5,7})
+                                                        (pp groups {0,4} {1,5} {2,6} {3,7})
+
+Each rank belongs to exactly one group of each kind: the ranks that differ from it only in
+that coordinate. :class:`ProcessGrid` makes those groups with ``Comm.split`` and hands them
+out explicitly; nothing is kept in module-level state.
+
+The checks on a layout (:func:`resolve_sizes`, :func:`validate_layout`) are pure functions,
+so they run, and are tested, without MPI. They raise :class:`ConfigError` whose message names
+the command-line flags and quotes the numbers; ``train.py`` turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from mpi4py import MPI
+
+from mpipar.comm import Comm
+from mpipar.trace import Tracer
+
+SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved")
+ZERO_STAGES = (0, 1, 2)
+
+
+class ConfigError(ValueError):
+    """A bad command line or layout; the message names the flags and the numbers."""
+
+
+# ---- pure layout arithmetic ---------------------------------------------------------------
+
+
+def resolve_sizes(
+    world_size: int, dp: int | None = None, tp: int | None = None, pp: int | None = None
+) -> tuple[int, int, int]:
+    """Fill in omitted sizes: tp and pp default to 1, dp to ``world / (tp × pp)``.
+
+    Returns ``(dp, tp, pp)``; raises :class:`ConfigError` when they cannot multiply to the
+    world size.
+    """
+    tp = 1 if tp is None else tp
+    pp = 1 if pp is None else pp
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--dp", dp)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if dp is None:
+        if world_size % (tp * pp) != 0:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by --tp {tp} × --pp {pp} = "
+                f"{tp * pp}, so --dp cannot be inferred"
+            )
+        dp = world_size // (tp * pp)
+    if dp * tp * pp != world_size:
+        raise ConfigError(
+            f"world size {world_size} != --dp {dp} × --tp {tp} × --pp {pp} = {dp * tp * pp}"
+        )
+    return dp, tp, pp
+
+
+def validate_layout(
+    world_size: int,
+    dp: int,
+    tp: int,
+    pp: int,
+    *,
+    batch_size: int,
+    microbatches: int,
+    n_layer: int,
+    n_head: int,
+    d_model: int,
+    virtual_stages: int = 1,
+    schedule: str = "1f1b",
+    zero: int = 0,
+    sequence_parallel: bool = False,
+    seq_len: int | None = None,
+) -> None:
+    """Check that a model and batch can be split over a dp × tp × pp grid.
+
+    The rules, and why:
+
+    * ``world == dp × tp × pp``: every rank gets exactly one grid position.
+    * ``batch_size % (dp × microbatches) == 0``: each data-parallel rank takes
+      ``batch_size / dp`` sequences and cuts them into equal microbatches, so every
+      microbatch has the same shape on every rank (and the mean loss is the serial one).
+    * ``n_head % tp == 0``: attention is split by heads; ``d_model % tp == 0`` and
+      ``4·d_model % tp == 0``: the QKV/MLP weights are split by columns.
+    * ``n_layer >= pp × virtual_stages``: each of the ``pp × V`` model chunks needs at least
+      one layer (layers are split as evenly as possible, so no divisibility is needed).
+    * the interleaved schedule needs ``virtual_stages >= 2`` and ``microbatches % pp == 0``
+      (Megatron-LM's rule: microbatches go round the stages in groups of pp); the other
+      schedules take one chunk per rank (``virtual_stages == 1``).
+    * sequence parallelism splits the sequence over tp ranks: ``seq_len % tp == 0``.
+    * ``zero`` is 0 (off), 1 (shard optimizer state) or 2 (also shard gradients).
+
+    Every violated rule is reported, in one :class:`ConfigError`.
+    """
+    sizes = {
+        "--dp": dp, "--tp": tp, "--pp": pp, "--batch-size": batch_size,
+        "--microbatches": microbatches, "--virtual-stages": virtual_stages,
+        "--n-layer": n_layer, "--n-head": n_head, "--d-model": d_model,
+    }
+    problems = [f"{flag} must be at least 1, got {v}" for flag, v in sizes.items() if v < 1]
+    if problems:  # the arithmetic below would divide by them
+        _raise(problems)
+
+    if world_size != dp * tp * pp:
+        problems.append(
+            f"world size {world_size} != --dp {dp} × --tp {tp} × --pp {pp} = {dp * tp * pp}"
+        )
+    if batch_size % (dp * microbatches) != 0:
+        problems.append(
+            f"--batch-size {batch_size} is not divisible by --dp {dp} × --microbatches "
+            f"{microbatches} = {dp * microbatches} (every microbatch must have the same size)"
+        )
+    if d_model % n_head != 0:
+        problems.append(f"--d-model {d_model} is not divisible by --n-head {n_head}")
+    if n_head % tp != 0:
+        problems.append(f"--n-head {n_head} is not divisible by --tp {tp}")
+    if d_model % tp != 0:
+        problems.append(f"--d-model {d_model} is not divisible by --tp {tp}")
+    if (4 * d_model) % tp != 0:
+        problems.append(f"MLP width 4 × --d-model = {4 * d_model} is not divisible by --tp {tp}")
+    if n_layer < pp * virtual_stages:
+        problems.append(
+            f"--n-layer {n_layer} gives fewer layers than stages: --pp {pp} × "
+            f"--virtual-stages {virtual_stages} = {pp * virtual_stages} model chunks"
+        )
+    if schedule not in SCHEDULES:
+        problems.append(f"--schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    elif schedule == "interleaved":
+        if virtual_stages < 2:
+            problems.append(
+                f"--schedule interleaved needs --virtual-stages >= 2, got {virtual_stages}"
+            )
+        if microbatches % pp != 0:
+            problems.append(
+                f"--schedule interleaved needs --microbatches {microbatches} divisible by "
+                f"--pp {pp}"
+            )
+    elif virtual_stages != 1:
+        problems.append(
+            f"--virtual-stages {virtual_stages} needs --schedule interleaved "
+            f"(--schedule {schedule} runs one model chunk per rank)"
+        )
+    if sequence_parallel and tp > 1:
+        if seq_len is None:
+            problems.append("--sequence-parallel needs the sequence length (--seq-len)")
+        elif seq_len % tp != 0:
+            problems.append(
+                f"--sequence-parallel needs --seq-len {seq_len} divisible by --tp {tp}"
+            )
+    if zero not in ZERO_STAGES:
+        problems.append(f"--zero {zero} is not one of 0, 1, 2")
+    if problems:
+        _raise(problems)
+
+
+def _raise(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def rank_coords(rank: int, dp: int, tp: int, pp: int) -> tuple[int, int, int]:
+    """Global rank → ``(pp_rank, dp_rank, tp_rank)``; tp varies fastest, then dp, then pp."""
+    if not 0 <= rank < dp * tp * pp:
+        raise ValueError(f"rank {rank} outside a grid of {dp} × {tp} × {pp} ranks")
+    return rank // (tp * dp), (rank // tp) % dp, rank % tp
+
+
+def coords_rank(pp_rank: int, dp_rank: int, tp_rank: int, dp: int, tp: int) -> int:
+    """``(pp_rank, dp_rank, tp_rank)`` → global rank; the inverse of :func:`rank_coords`."""
+    return (pp_rank * dp + dp_rank) * tp + tp_rank
+
+
+# ---- the communicators ------------------------------------------------------------------
+
+
+@dataclass
+class ProcessGrid:
+    """This rank's place in the dp × tp × pp grid and its three (or four) groups.
+
+    ``dp_comm`` holds the ranks with the same (pp, tp) coordinates (they hold the same weight
+    shard and average gradients), ``tp_comm`` those with the same (pp, dp) (they split each
+    layer), ``pp_comm`` those with the same (dp, tp) (they pass activations along, ordered by
+    stage). ``embed_comm`` joins the first and last pipeline stage of a ``pp_comm``: the
+    token embedding lives on the first stage and, tied as ``lm_head``, on the last, so their
+    two gradient contributions are summed over it. It is ``None`` when ``pp == 1`` (one copy,
+    nothing to sum) and on middle stages. ``next_rank``/``prev_rank`` are the global ranks of
+    the neighbouring stages (``None`` at the ends); ``pp_comm`` ranks equal stage numbers.
+    """
+
+    world: Comm
+    dp_comm: Comm
+    tp_comm: Comm
+    pp_comm: Comm
+    embed_comm: Comm | None
+    dp: int
+    tp: int
+    pp: int
+    dp_rank: int
+    tp_rank: int
+    pp_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def next_rank(self) -> int | None:
+        """Global rank of the next pipeline stage (same dp, tp), or None on the last stage."""
+        if self.is_last_stage:
+            return None
+        return coords_rank(self.pp_rank + 1, self.dp_rank, self.tp_rank, self.dp, self.tp)
+
+    @property
+    def prev_rank(self) -> int | None:
+        """Global rank of the previous pipeline stage, or None on the first stage."""
+        if self.is_first_stage:
+            return None
+        return coords_rank(self.pp_rank - 1, self.dp_rank, self.tp_rank, self.dp, self.tp)
+
+    @classmethod
+    def build(cls, world: Comm, dp: int, tp: int, pp: int) -> ProcessGrid:
+        """Split ``world`` into its dp, tp, pp (and embedding) groups. Collective over world.
+
+        A group's color is the pair of coordinates its members share, flattened to an int;
+        the key orders members by the coordinate that varies within the group.
+        """
+        if world.size != dp * tp * pp:
+            raise ConfigError(
+                f"world size {world.size} != --dp {dp} × --tp {tp} × --pp {pp} = {dp * tp * pp}"
+            )
+        pp_rank, dp_rank, tp_rank = rank_coords(world.rank, dp, tp, pp)
+        tp_comm = world.split(pp_rank * dp + dp_rank, tp_rank, "tp")
+        dp_comm = world.split(pp_rank * tp + tp_rank, dp_rank, "dp")
+        pp_comm = world.split(dp_rank * tp + tp_rank, pp_rank, "pp")
+        embed_comm = None
+        if pp > 1:  # every rank must take part in the split, even those that opt out
+            on_end = pp_rank in (0, pp - 1)
+            embed_comm = world.split(dp_rank * tp + tp_rank if on_end else None, pp_rank, "embed")
+        assert tp_comm is not None and dp_comm is not None and pp_comm is not None
+        return cls(world, dp_comm, tp_comm, pp_comm, embed_comm, dp, tp, pp,
+                   dp_rank, tp_rank, pp_rank)
+
+    @classmethod
+    def single(cls, tracer: Tracer | None = None) -> ProcessGrid:
+        """A 1 × 1 × 1 grid of this process alone (every group is ``MPI.COMM_SELF``).
+
+        Needs no collective call, so it also works inside a larger job, e.g. to compute a
+        serial reference on one rank.
+        """
+        if tracer is None:
+            tracer = Tracer(MPI.COMM_WORLD.Get_rank())
+        world, dp_comm, tp_comm, pp_comm = (
+            Comm(MPI.COMM_SELF, name, tracer) for name in ("world", "dp", "tp", "pp")
+        )
+        return cls(world, dp_comm, tp_comm, pp_comm, None, 1, 1, 1, 0, 0, 0)
+
+    def describe(self) -> str:
+        """One line, e.g. ``rank 5: pp 1/2, dp 0/2, tp 1/2``."""
+        return (
+            f"rank {self.world.members[self.world.rank]}: pp {self.pp_rank}/{self.pp}, "
+            f"dp {self.dp_rank}/{self.dp}, tp {self.tp_rank}/{self.tp}"
+        )
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of ``config`` (sorted keys; non-JSON → str)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_same_config(world: Comm, config: dict[str, Any]) -> None:
+    """Fail on every rank, with one message, unless all ranks were given the same config.
+
+    Ranks started with different arguments (a typo in an MPMD launch, a stale file) would
+    otherwise build different models and hang or diverge silently. Each rank hashes its
+    config and the hashes are all-gathered (a control message); on a mismatch the full
+    configs are all-gathered too, so the message can name the differing keys. All ranks see
+    the same data and raise the same :class:`ConfigError`, so all exit with code 2.
+    """
+    digests = world.allgather_object(config_digest(config))
+    if len(set(digests)) == 1:
+        return
+    configs = world.allgather_object(config)
+    groups: dict[str, list[int]] = {}
+    for rank, digest in enumerate(digests):
+        groups.setdefault(digest, []).append(rank)
+    keys = sorted(set().union(*configs))
+    # Compare values the way they were hashed (canonical JSON), so the list of differing
+    # keys always agrees with the hashes.
+    differ = [
+        k for k in keys
+        if len({json.dumps(c.get(k, "<missing>"), sort_keys=True, default=str)
+                for c in configs}) > 1
+    ]
+    lines = [f"ranks were started with different configurations ({len(groups)} variants):"]
+    for ranks in groups.values():
+        c = configs[ranks[0]]
+        values = ", ".join(f"{k}={c.get(k, '<missing>')!r}" for k in differ)
+        lines.append(f"  ranks {ranks}: {values}")
+    raise ConfigError("\n".join(lines))

@@ -1,0 +1,312 @@
+"""Communication and compute tracing: who sent how many bytes to whom, when, and why.
+
+Every call that moves data between ranks goes through :class:`mpipar.comm.Comm`, and every
+such call can leave one :class:`TraceRecord` in the rank's :class:`Tracer`. A record says what
+happened (op, group, peer, bytes, dtype, shape), when (``start``/``end`` from
+``time.perf_counter``) and in which part of training (``phase``, ``step``, ``microbatch``),
+which the training loop sets with :meth:`Tracer.context`. Compute is recorded too, as
+``op="compute"`` spans, so a pipeline timeline can draw forward/backward boxes next to the
+sends and receives and the idle gaps between them (the pipeline *bubble*) can be measured.
+
+From the records we derive
+
+* :meth:`Tracer.totals` (:func:`comm_totals`) and :func:`format_summary_table`: calls,
+  bytes and seconds per (op, group), the table printed at the end of a run;
+* :func:`to_chrome_trace`: a Chrome/Perfetto ``traceEvents`` file (open it at
+  ``ui.perfetto.dev`` or ``chrome://tracing``): one process per rank, one thread per kind of
+  activity;
+* :func:`write_jsonl` / :func:`load_jsonl`: the ``--trace FILE`` format, one record per line.
+
+Tracing is off by default and then costs a single attribute check per call: ``Comm`` looks at
+``tracer.enabled`` before it even reads the clock.
+
+This module imports no MPI; records are plain dataclasses, so they can be pickled, gathered to
+one rank and written there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+PHASES = ("forward", "backward", "optimizer", "other")
+COMPUTE = "compute"  # the ``op`` of a compute span; every other op is communication
+
+
+@dataclass
+class TraceRecord:
+    """One communication call (or compute span) on one rank.
+
+    ``peer`` is the *global* rank on the other end of a point-to-point call (for ``sendrecv``,
+    the rank sent to) and ``None`` for collectives. ``nbytes`` is the size of the buffer this
+    rank handed to the call as input, its contribution, not the traffic of whatever algorithm
+    MPI chose underneath. ``start``/``end`` are ``time.perf_counter()`` seconds; on one machine
+    that clock is shared by all processes, so records of different ranks line up.
+    """
+
+    rank: int
+    op: str
+    group: str
+    peer: int | None
+    nbytes: int
+    dtype: str
+    shape: tuple
+    phase: str
+    step: int
+    microbatch: int | None
+    start: float
+    end: float
+    name: str = ""
+
+    @property
+    def duration(self) -> float:
+        """Seconds between start and end (for a non-blocking call: launch to wait)."""
+        return self.end - self.start
+
+
+class Tracer:
+    """Collects :class:`TraceRecord` s for one rank.
+
+    The training loop keeps ``step``, ``phase`` and ``microbatch`` current (directly or with
+    :meth:`context`), and every record copies them, so a record knows it was, say, the
+    tensor-parallel all-reduce in the backward pass of microbatch 3 of step 10.
+    """
+
+    def __init__(self, rank: int, enabled: bool = False) -> None:
+        self.rank = rank
+        self.enabled = enabled
+        self.step = 0
+        self.phase = "other"
+        self.microbatch: int | None = None
+        self.records: list[TraceRecord] = []
+
+    @contextlib.contextmanager
+    def context(
+        self,
+        phase: str | None = None,
+        microbatch: int | None = None,
+        step: int | None = None,
+    ) -> Iterator[Tracer]:
+        """Set phase/microbatch/step (those given) for the ``with`` body, then restore them."""
+        if phase is not None and phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+        saved = (self.phase, self.microbatch, self.step)
+        if phase is not None:
+            self.phase = phase
+        if microbatch is not None:
+            self.microbatch = microbatch
+        if step is not None:
+            self.step = step
+        try:
+            yield self
+        finally:
+            self.phase, self.microbatch, self.step = saved
+
+    def record(
+        self,
+        op: str,
+        group: str,
+        peer: int | None,
+        nbytes: int,
+        dtype: str,
+        shape: tuple,
+        start: float,
+        end: float,
+        *,
+        name: str = "",
+        phase: str | None = None,
+        step: int | None = None,
+        microbatch: int | None = None,
+    ) -> None:
+        """Append a record stamped with the current phase/step/microbatch (if enabled).
+
+        A non-blocking call is recorded when it is waited on, possibly in another phase, so
+        it passes the ``phase``/``step``/``microbatch`` captured at launch explicitly.
+        """
+        if not self.enabled:
+            return
+        self.records.append(
+            TraceRecord(
+                rank=self.rank,
+                op=op,
+                group=group,
+                peer=peer,
+                nbytes=int(nbytes),
+                dtype=str(dtype),
+                shape=tuple(shape),
+                phase=self.phase if phase is None else phase,
+                step=self.step if step is None else step,
+                microbatch=self.microbatch if microbatch is None else microbatch,
+                start=start,
+                end=end,
+                name=name,
+            )
+        )
+
+    def span(
+        self, name: str, phase: str | None = None, microbatch: int | None = None
+    ) -> contextlib.AbstractContextManager:
+        """Time the ``with`` body as a compute record (``op="compute"``, ``name=name``).
+
+        Inside the body phase/microbatch are set as by :meth:`context`, so communication
+        issued there (a tensor-parallel all-reduce inside a forward) is labelled alike.
+        Disabled, this is a no-op context manager.
+        """
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return self._span(name, phase, microbatch)
+
+    @contextlib.contextmanager
+    def _span(self, name: str, phase: str | None, microbatch: int | None) -> Iterator[None]:
+        with self.context(phase=phase, microbatch=microbatch):
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.record(COMPUTE, "", None, 0, "", (), start, time.perf_counter(), name=name)
+
+    def totals(self) -> dict[tuple[str, str], dict[str, float]]:
+        """``{(op, group): {"calls", "bytes", "time"}}`` over communication records."""
+        return comm_totals(self.records)
+
+    def write_jsonl(self, path: str, records: Iterable[TraceRecord] | None = None) -> None:
+        """Write ``records`` (default: this tracer's) to ``path``, one JSON object a line."""
+        write_jsonl(path, self.records if records is None else records)
+
+    def clear(self) -> None:
+        """Forget all records (e.g. after warm-up steps)."""
+        self.records.clear()
+
+
+def comm_totals(records: Iterable[TraceRecord]) -> dict[tuple[str, str], dict[str, float]]:
+    """Sum calls, bytes and seconds per (op, group) over communication records.
+
+    Compute spans are left out: this is the communication bill. Keys come out sorted.
+    """
+    acc: dict[tuple[str, str], dict[str, float]] = {}
+    for r in records:
+        if r.op == COMPUTE:
+            continue
+        row = acc.setdefault((r.op, r.group), {"calls": 0, "bytes": 0, "time": 0.0})
+        row["calls"] += 1
+        row["bytes"] += r.nbytes
+        row["time"] += r.end - r.start
+    return dict(sorted(acc.items()))
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` → ``'1.50 KiB'`` (binary prefixes)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_summary_table(
+    totals: dict[tuple[str, str], dict[str, float]], total_time_s: float
+) -> str:
+    """A fixed-width table: one row per (op, group) with calls, bytes, seconds and share.
+
+    ``share`` is the row's time as a fraction of ``total_time_s`` (the wall time of the run),
+    so it answers "how much of the run was spent waiting in this kind of call". Blocking-call
+    time includes waiting for slower peers, which is often the larger part.
+    """
+    header = f"{'op':<16}{'group':<8}{'calls':>9}{'bytes':>14}{'time s':>11}{'share':>9}"
+    lines = [header, "-" * len(header)]
+    sum_calls, sum_bytes, sum_time = 0, 0, 0.0
+    for (op, group), row in totals.items():
+        share = row["time"] / total_time_s if total_time_s > 0 else 0.0
+        lines.append(
+            f"{op:<16}{group:<8}{int(row['calls']):>9}{human_bytes(row['bytes']):>14}"
+            f"{row['time']:>11.4f}{share:>8.1%} "
+        )
+        sum_calls += int(row["calls"])
+        sum_bytes += int(row["bytes"])
+        sum_time += row["time"]
+    lines.append("-" * len(header))
+    share = sum_time / total_time_s if total_time_s > 0 else 0.0
+    lines.append(
+        f"{'total':<24}{sum_calls:>9}{human_bytes(sum_bytes):>14}{sum_time:>11.4f}{share:>8.1%} "
+    )
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _kind(r: TraceRecord) -> str:
+    """The Chrome-trace thread a record is drawn on: compute, p2p or collective."""
+    if r.op == COMPUTE:
+        return "compute"
+    return "p2p" if r.peer is not None else "collective"
+
+
+_TIDS = {"compute": 0, "p2p": 1, "collective": 2}
+
+
+def to_chrome_trace(records: Iterable[TraceRecord]) -> dict:
+    """Convert records to the Chrome/Perfetto JSON object format.
+
+    Each record becomes a complete event (``"ph": "X"``) with ``pid`` = rank and ``tid`` by
+    kind (0 compute, 1 point-to-point, 2 collective), ``ts``/``dur`` in microseconds measured
+    from the earliest record, and every field in ``args``. Metadata events name the processes
+    ("rank R") and threads, so the viewer shows one labelled swim-lane per rank and kind.
+    """
+    records = list(records)
+    t0 = min((r.start for r in records), default=0.0)
+    events: list[dict] = []
+    for rank in sorted({r.rank for r in records}):
+        events.append(
+            {"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}}
+        )
+        for kind, tid in _TIDS.items():
+            events.append(
+                {"name": "thread_name", "ph": "M", "pid": rank, "tid": tid,
+                 "args": {"name": kind}}
+            )
+    for r in records:
+        label = r.name or r.op
+        if r.op != COMPUTE and r.group:
+            label = f"{label} [{r.group}]"
+        if r.microbatch is not None:
+            label = f"{label} mb{r.microbatch}"
+        events.append(
+            {
+                "name": label,
+                "cat": r.phase,
+                "ph": "X",
+                "pid": r.rank,
+                "tid": _TIDS[_kind(r)],
+                "ts": (r.start - t0) * 1e6,
+                "dur": max(r.end - r.start, 0.0) * 1e6,
+                "args": _as_json(r),
+            }
+        )
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def _as_json(r: TraceRecord) -> dict:
+    d = dataclasses.asdict(r)
+    d["shape"] = list(r.shape)
+    return d
+
+
+def write_jsonl(path: str, records: Iterable[TraceRecord]) -> None:
+    """Write records to ``path`` as JSON lines (the ``--trace FILE`` format)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(_as_json(r)) + "\n")
+
+
+def load_jsonl(path: str) -> list[TraceRecord]:
+    """Read records written by :func:`write_jsonl` (blank lines are skipped)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                d = json.loads(line)
+                d["shape"] = tuple(d["shape"])
+                out.append(TraceRecord(**d))
+    return out
