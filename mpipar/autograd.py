@@ -199,6 +199,9 @@ class Tensor:
             grad = array_module(self.data).ones_like(self.data)
         elif isinstance(grad, Tensor):
             grad = grad.data
+        if tuple(grad.shape) != tuple(self.data.shape):
+            raise RuntimeError(f"backward() got a gradient of shape {tuple(grad.shape)} for a "
+                               f"tensor of shape {self.shape}")
         run_backward(self, grad)
 
 
@@ -249,7 +252,11 @@ def _topological_order(root: Tensor) -> list[Tensor]:
             continue
         visited.add(id(node))
         stack.append((node, True))
-        for parent in node._parents:
+        # Parents are pushed last-first so that the first input (the activation coming from
+        # upstream) is explored first: a layer's weights then sit right before the layer in
+        # the order, so in reverse their gradients are final (and hooks fire) as soon as the
+        # layer's backward has run, not at the very end of the pass.
+        for parent in reversed(node._parents):
             if parent.requires_grad and id(parent) not in visited:
                 stack.append((parent, False))
     return order
@@ -290,6 +297,9 @@ def run_backward(root: Tensor, grad: Any) -> None:
         if slot is None:
             continue
         g = slot[0]
+        if node._fn is not None and node._ctx is None:
+            raise RuntimeError("backward through a graph that was already freed by an earlier "
+                               "backward() (each forward pass supports one backward pass)")
         if node._fn is None:  # a leaf: store and announce its gradient
             if node.grad is None:
                 if not (slot[1] or _shares_nothing(g, leaf_memory, grads)):
@@ -317,7 +327,6 @@ def run_backward(root: Tensor, grad: Any) -> None:
         # early so that activations do not outlive their use.
         node._ctx = None
         node._parents = ()
-        node._fn = None
 
 
 def _shares_nothing(g: Any, leaf_memory: set[int], grads: dict[int, list]) -> bool:

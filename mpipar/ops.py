@@ -323,7 +323,7 @@ class Transpose(Function):
 
     @staticmethod
     def forward(ctx, x, axes=None):
-        axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(axes)
+        axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % x.ndim for a in axes)
         ctx.inverse = tuple(sorted(range(len(axes)), key=axes.__getitem__))
         return x.transpose(axes)
 
@@ -728,6 +728,8 @@ def layer_norm(x: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5) -> Ten
 
 
 def embedding(weight: Tensor, idx) -> Tensor:
+    if isinstance(idx, Tensor):
+        idx = idx.data
     return Embedding.apply(weight, idx=idx)
 
 
