@@ -144,6 +144,29 @@ def configure(args: argparse.Namespace, world_size: int):
                          f"{shape['d_model']}")
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    # Values argparse lets through that would fail (or silently do nothing) mid-run;
+    # written so that NaN fails every test.
+    for flag, value, ok, rule in (
+        ("--lr", args.lr, math.isfinite(args.lr), "finite"),
+        ("--min-lr-ratio", args.min_lr_ratio, 0.0 <= args.min_lr_ratio <= 1.0, "in [0, 1]"),
+        ("--weight-decay", args.weight_decay, 0.0 <= args.weight_decay < math.inf,
+         "finite and >= 0"),
+        ("--grad-clip", args.grad_clip, 0.0 <= args.grad_clip < math.inf,
+         "finite and >= 0 (0 disables clipping)"),
+        ("--momentum", args.momentum, 0.0 <= args.momentum < 1.0, "in [0, 1)"),
+    ):
+        if not ok:
+            raise UsageError(f"{flag} must be {rule}, got {value}")
+    # Output paths are checked now, not after training: a run must not end by failing to save.
+    from mpipar.checkpoint import META_FILE, STATE_FILE
+
+    for flag, path in (("--metrics", args.metrics), ("--trace", args.trace)):
+        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(path) or ".")):
+            raise UsageError(f"{flag} {path}: not a file in an existing directory")
+    if args.save and os.path.exists(args.save) and not (
+            os.path.isdir(args.save) and set(os.listdir(args.save)) <= {STATE_FILE, META_FILE}):
+        raise UsageError(f"--save {args.save} exists and is not a checkpoint directory; "
+                         "refusing to replace it")
 
     resumed = None
     if args.resume:
@@ -161,6 +184,9 @@ def configure(args: argparse.Namespace, world_size: int):
     cfg = GPTConfig(vocab_size=tokenizer.vocab_size, dropout=args.dropout, dtype=args.dtype,
                     **shape)
     dp, tp, pp = resolve_sizes(world_size, args.dp, args.tp, args.pp)
+    if args.zero and args.optimizer != "adamw":
+        raise UsageError(f"--zero {args.zero} shards AdamW's state; it does not apply to "
+                         f"--optimizer {args.optimizer}")
     validate_layout(world_size, dp, tp, pp, batch_size=batch_size,
                     microbatches=args.microbatches, n_layer=cfg.n_layer, n_head=cfg.n_head,
                     d_model=cfg.d_model, virtual_stages=args.virtual_stages,
@@ -177,11 +203,11 @@ def configure(args: argparse.Namespace, world_size: int):
         dp_strategy=args.dp_strategy.replace("-", "_"),
         sequence_parallel=args.sequence_parallel)
     if resumed is not None:
-        check_resume(resumed, cfg, tc)
+        check_resume(resumed, cfg, tc, dp)
     return cfg, tc, (dp, tp, pp), data, source, resumed
 
 
-def check_resume(resumed, cfg: GPTConfig, tc: TrainConfig) -> None:
+def check_resume(resumed, cfg: GPTConfig, tc: TrainConfig, dp: int = 1) -> None:
     """The checkpoint must be of this model and this run (only --steps... may not change)."""
     arrays, meta = resumed
     saved = meta.get("model")
@@ -192,10 +218,20 @@ def check_resume(resumed, cfg: GPTConfig, tc: TrainConfig) -> None:
             raise CheckpointError(f"checkpoint was saved with {key}={saved.get(key)!r} but this "
                                   f"run has {key}={value!r}")
     from mpipar.model import GPT
+    from mpipar.optim import SGD, AdamW
 
-    expected = {n: tuple(p.shape) for n, p in GPT(cfg).named_parameters()}
+    model = GPT(cfg)
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
     model_state = {k[6:]: v for k, v in arrays.items() if k.startswith("model.")}
     check_state(expected, model_state, what="model")
+    # A fresh optimizer of this run's kind holds every state array, zeroed (ZeRO shards AdamW).
+    if tc.optimizer == "sgd":
+        fresh = SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum)
+    else:
+        fresh = AdamW(model.parameters(), lr=tc.lr)
+    opt_state = {k[6:]: v for k, v in arrays.items() if k.startswith("optim.")}
+    check_state({k: v.shape for k, v in fresh.state_dict().items()}, opt_state,
+                what="optimizer")
     step = meta.get("step")
     if not isinstance(step, int) or step < 0:
         raise CheckpointError(f"checkpoint meta.json has a bad step {step!r}")
@@ -203,8 +239,34 @@ def check_resume(resumed, cfg: GPTConfig, tc: TrainConfig) -> None:
         raise CheckpointError(f"checkpoint is at step {step}, past --steps {tc.steps}")
 
 
+# Settings that change the numbers a resumed run computes (layout-only options do not).
+RESUME_SENSITIVE = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+                    "grad_clip", "seed", "optimizer", "momentum")
+
+
+def changed_settings(saved: dict, tc: TrainConfig) -> str:
+    """``"lr 0.003 -> 0.01, ..."`` for every resume-sensitive setting that changed."""
+    now = tc.to_dict()
+    return ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in RESUME_SENSITIVE
+                     if k in saved and saved[k] != now[k])
+
+
+def launcher_rank() -> int:
+    """This process's rank as the MPI launcher announced it (read before MPI starts)."""
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # A bad flag is reported in one line that names it and its value, like every other usage
+    # error, rather than after the whole usage block (--help shows that).
+    parser.print_usage = lambda file=None: None
+    if launcher_rank() != 0:  # under mpirun, let one rank report a bad flag, not every rank
+        parser.error = lambda message: sys.exit(2)
+    args = parser.parse_args(argv)
     from mpipar.comm import world_size_and_rank
 
     world_size, rank = world_size_and_rank()
@@ -227,7 +289,8 @@ def run(args, cfg, tc, sizes, data, source, resumed, rank) -> int:
     tracer = Tracer(rank, enabled=True)
     world = Comm.world(tracer)
     install_excepthook(world)
-    say = print if rank == 0 and not args.quiet else (lambda *a, **k: None)
+    report = print if rank == 0 else (lambda *a, **k: None)  # the final summary
+    say = report if not args.quiet else (lambda *a, **k: None)  # progress, suppressed by --quiet
     try:
         check_same_config(world, {"argv": sys.argv[1:], "model": cfg.to_dict(),
                                   "train": tc.to_dict(), "sizes": list(sizes),
@@ -245,6 +308,10 @@ def run(args, cfg, tc, sizes, data, source, resumed, rank) -> int:
             {k[6:]: v for k, v in arrays.items() if k.startswith("model.")},
             {k[6:]: v for k, v in arrays.items() if k.startswith("optim.")})
         trainer.step = meta["step"]
+        changed = changed_settings(meta.get("train", {}), tc)
+        if changed:
+            say("warning: resuming with training settings that differ from the checkpoint's "
+                f"({changed}); the run will not continue exactly as it would have")
     n_params = sum(int(np.prod(s)) for s in trainer.expected_model_shapes().values())
     say(f"mpipar | world {world.size} = dp {dp} × tp {tp} × pp {pp} | {source}")
     say(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.d_model}, "
@@ -252,6 +319,11 @@ def run(args, cfg, tc, sizes, data, source, resumed, rank) -> int:
     say(f"training: {tc.steps} steps of {tc.batch_size} sequences ({tc.batch_size * cfg.seq_len}"
         f" tokens), {tc.microbatches} microbatch(es), {tc.optimizer} lr {tc.lr}"
         + (f", resuming at step {trainer.step}" if resumed is not None else ""))
+    from mpipar.parallel.zero import format_memory_report, memory_report
+
+    memory = memory_report(trainer.optimizer, trainer.grad_sync, trainer.params)
+    if tc.zero and dp > 1:
+        say(format_memory_report(memory))
 
     metrics = MetricsWriter(args.metrics, rank == 0)
     t_start = time.perf_counter()
@@ -301,6 +373,13 @@ def run(args, cfg, tc, sizes, data, source, resumed, rank) -> int:
     all_totals = world.allgather_object(
         {f"{op}|{group}": v for (op, group), v in tracer.totals().items()})
     peaks = world.allgather_object(peak_memory_bytes())
+    pipeline = None
+    if trainer.pipeline is not None:  # measured bubble and stashed activations, every rank's
+        from mpipar.viz import pipeline_report, step_extents
+
+        pipeline = pipeline_report(world.allgather_object(
+            (step_extents(tracer.records), trainer.pipeline.memory_summary())),
+            tc.schedule, pp, tc.microbatches, tc.virtual_stages)
     if args.trace:
         write_jsonl(_rank_path(args.trace, rank, world.size), tracer.records)
         if world.size > 1:
@@ -308,7 +387,7 @@ def run(args, cfg, tc, sizes, data, source, resumed, rank) -> int:
         if rank == 0:
             merge_traces(args.trace, world.size)
     if rank == 0:
-        summary_table(all_totals, sum(step_times), format_summary_table, say)
+        summary_table(all_totals, sum(step_times), format_summary_table, report)
         median = float(np.median(step_times[1:] if len(step_times) > 1 else step_times or [0]))
         tps = tc.batch_size * cfg.seq_len / median if median else 0.0
         summary = {
@@ -318,9 +397,15 @@ def run(args, cfg, tc, sizes, data, source, resumed, rank) -> int:
             "final_loss": last["loss"] if last else None,
             "layout": {"world": world.size, "dp": dp, "tp": tp, "pp": pp},
             "comm": merge_totals(all_totals), "peak_memory_bytes": peaks,
+            "memory_rank0": memory,  # optimizer-state and gradient bytes (ZeRO's saving)
         }
+        if pipeline is not None:
+            from mpipar.viz import format_pipeline_report
+
+            summary["pipeline"] = pipeline
+            report(format_pipeline_report(pipeline))
         metrics.write(summary)
-        say(f"done: {len(step_times)} steps in {elapsed:.1f}s, median step {median * 1e3:.1f} ms"
+        report(f"done: {len(step_times)} steps in {elapsed:.1f}s, median step {median * 1e3:.1f} ms"
             f", {tps:.0f} tokens/s")
     metrics.close()
     if args.trace and rank == 0:

@@ -26,6 +26,8 @@ import numpy as np
 from mpipar.comm import Comm, install_excepthook
 from mpipar.parallel.ring import ring_allreduce
 
+NPROCS = 2  # bench/run_all.py launches this script with mpirun -n 2
+
 MIB = 2**20
 
 

@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                                              "train.py --save DIR.")
     ap.add_argument("--checkpoint", required=True, help="directory written by --save")
     ap.add_argument("-n", "--num-chars", type=int, default=200, help="characters to generate")
-    ap.add_argument("--prompt", default="\n", help="text to start from (default: a newline)")
+    ap.add_argument("--prompt", default=None,
+                    help="text to start from (default: a newline, or the first character of "
+                         "the vocabulary if it has no newline)")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -62,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         model_state = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
         check_state({n: tuple(p.shape) for n, p in model.named_parameters()}, model_state)
         model.load_state_dict(model_state)
-        prompt = tok.encode(args.prompt).tolist() or [0]
+        if args.prompt is None:
+            prompt = tok.encode("\n").tolist() if "\n" in tok.chars else [0]
+        else:
+            prompt = tok.encode(args.prompt).tolist() or [0]
     except (CheckpointError, KeyError, ValueError, TypeError) as exc:
         print(f"sample: error: {exc}", file=sys.stderr)
         return 2

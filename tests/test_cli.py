@@ -1,0 +1,300 @@
+"""The command line from outside: ``train.py`` and ``python -m mpipar.sample`` as processes.
+
+The contract (DESIGN.md §2): exit code 0 when all is well; 2 for bad usage or configuration,
+with ONE line on stderr that names the flag or file and the numbers involved, and nothing
+written — no metrics file, no checkpoint, no trace — because nothing was started.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_ARGS, TINY_TEXT, check_ok, describe_run
+
+
+def assert_usage_error(proc, out_dir: Path, *fragments: str, keep: tuple = ()) -> None:
+    """Exit 2, one stderr line naming the problem (every fragment), nothing written in
+    ``out_dir`` (besides the names in ``keep``, there before)."""
+    assert proc.returncode == 2, describe_run(proc)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}\n{describe_run(proc)}"
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} missing from the message: {lines[0]!r}"
+    assert proc.stdout == "", f"nothing should be printed on stdout\n{describe_run(proc)}"
+    written = sorted(p.name for p in out_dir.iterdir() if p.name not in keep)
+    assert written == [], f"a failed configuration wrote {written}"
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    """An empty directory that every output flag points into (it must stay empty)."""
+    d = tmp_path / "out"
+    d.mkdir()
+    return d
+
+
+def outputs(out_dir: Path) -> list[str]:
+    return ["--metrics", str(out_dir / "m.jsonl"), "--save", str(out_dir / "ckpt"),
+            "--trace", str(out_dir / "trace.jsonl")]
+
+
+# --------------------------------------------------------------------------------------------
+# --help and a plain run
+# --------------------------------------------------------------------------------------------
+
+
+def test_help_lists_groups_and_key_flags(run_train):
+    proc = check_ok(run_train(["--help"], timeout=60))
+    groups = [line.split(":")[0].split(" (")[0] for line in proc.stdout.splitlines()
+              if line and not line.startswith(" ") and line.endswith(":")]
+    for group in ("layout", "model", "training", "parallelism", "output"):
+        assert group in groups, f"--help has no {group!r} group (groups: {groups})"
+    for flag in ("--dp", "--tp", "--pp", "--preset", "--steps", "--batch-size", "--lr",
+                 "--dtype", "--data", "--microbatches", "--schedule", "--zero",
+                 "--metrics", "--trace", "--save", "--resume", "--sample", "--device"):
+        assert f"  {flag} " in proc.stdout, f"--help does not list {flag}"
+    assert proc.stderr == ""
+
+
+def test_sample_flag_prints_a_sample(run_train, tiny_data, out_dir):
+    proc = check_ok(run_train([*TINY_ARGS, "--data", tiny_data, "--sample", "50"]))
+    head, sep, rest = proc.stdout.partition("--- sample ---\n")
+    assert sep, f"no sample section\n{describe_run(proc)}"
+    sample, sep, _ = rest.partition("\n--------------\n")  # TINY_TEXT has no "-"
+    assert sep, f"the sample section is not closed\n{describe_run(proc)}"
+    assert len(sample) == 50, repr(sample)
+    assert set(sample) <= set(TINY_TEXT), f"sampled characters outside the vocabulary: {sample!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# Bad data
+# --------------------------------------------------------------------------------------------
+
+# TINY_ARGS use seq_len 32, so each split needs 33 tokens; a 90 % / 10 % split of 300
+# characters leaves a 30-token validation split, of 30 characters a 27-token training split.
+BAD_DATA = {
+    "missing": (None, ["data file not found", "nope.txt"]),
+    "empty": (b"", ["data file is empty", "empty.txt"]),
+    "not_utf8": (b"caf\xe9 au lait " * 20, ["not UTF-8", "0xe9", "offset 3"]),
+    "short_train": ("abcdefghij" * 3, ["train split has 27 tokens", "seq_len 32", "33"]),
+    "short_val": ("abcdefghij" * 30, ["validation split has 30 tokens", "seq_len 32", "33"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_data_file(case, run_train, text_file, tmp_path, out_dir):
+    content, fragments = BAD_DATA[case]
+    if content is None:
+        path = tmp_path / "nope.txt"
+    else:
+        path = text_file(f"{case}.txt", content)
+    proc = run_train([*TINY_ARGS, "--data", path, *outputs(out_dir)], timeout=60)
+    assert_usage_error(proc, out_dir, *fragments)
+
+
+def test_data_path_is_a_directory(run_train, tmp_path, out_dir):
+    d = tmp_path / "corpus_dir"
+    d.mkdir()
+    proc = run_train([*TINY_ARGS, "--data", d, *outputs(out_dir)], timeout=60)
+    assert_usage_error(proc, out_dir, "directory", "corpus_dir")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad flags (the built-in corpus: nothing is trained, so its size does not matter)
+# --------------------------------------------------------------------------------------------
+
+BAD_FLAGS = [
+    (["--steps", "0"], ["--steps", "positive", "0"]),
+    (["--n-layer", "0"], ["--n-layer", "positive", "0"]),
+    (["--batch-size", "-1"], ["--batch-size", "positive", "-1"]),
+    (["--d-model", "0"], ["--d-model", "positive", "0"]),
+    (["--steps", "ten"], ["--steps", "'ten'"]),
+    (["--n-head", "3"], ["--n-head 3", "--d-model 64"]),
+    (["--preset", "huge"], ["--preset", "'huge'"]),
+    (["--schedule", "zigzag"], ["--schedule", "'zigzag'"]),
+    (["--dtype", "float16"], ["--dtype", "'float16'"]),
+    (["--stepz", "3"], ["unrecognized", "--stepz"]),
+    (["--dp", "2"], ["world size 1", "--dp 2"]),
+    (["--microbatches", "3"], ["--batch-size 8", "--microbatches 3"]),
+    (["--dropout", "1"], ["--dropout", "1.0"]),
+    (["--lr", "inf"], ["--lr", "inf"]),
+    (["--min-lr-ratio", "2"], ["--min-lr-ratio", "2.0"]),
+    (["--weight-decay", "nan"], ["--weight-decay", "nan"]),
+    (["--grad-clip", "-1"], ["--grad-clip", "-1.0"]),
+    (["--momentum", "1.5"], ["--momentum", "1.5"]),
+]
+
+
+@pytest.mark.parametrize("flags,fragments", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flag(flags, fragments, run_train, out_dir):
+    proc = run_train([*TINY_ARGS, *flags, *outputs(out_dir)], timeout=60)
+    assert_usage_error(proc, out_dir, *fragments)
+
+
+def test_bad_output_paths(run_train, tiny_data, out_dir):
+    """Unwritable outputs are refused before training, not discovered after it."""
+    busy = out_dir / "busy"  # a directory of someone else's files
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    cases = [
+        (["--save", busy], ["--save", "busy", "not a checkpoint directory"]),
+        (["--metrics", out_dir / "no_dir" / "m.jsonl"], ["--metrics", "no_dir"]),
+        (["--trace", busy], ["--trace", "busy"]),
+    ]
+    for flags, fragments in cases:
+        proc = run_train([*TINY_ARGS, "--data", tiny_data, *flags], timeout=60)
+        assert_usage_error(proc, out_dir, *fragments, keep=("busy",))
+        assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"], flags
+    assert (busy / "notes.txt").read_text() == "keep me"
+
+
+def test_layout_error_under_mpirun(run_train, out_dir):
+    """With 2 processes, every rank refuses the layout and exits; rank 0 alone says why."""
+    proc = run_train([*TINY_ARGS, "--dp", "3", *outputs(out_dir)], n=2, timeout=120)
+    assert_usage_error(proc, out_dir, "world size 2", "--dp 3")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad checkpoints (each crafted from a real one)
+# --------------------------------------------------------------------------------------------
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_state(ckpt: Path, edit) -> None:
+    """Load ``state.npz``, let ``edit(arrays)`` change the dict, write it back with numpy."""
+    with np.load(ckpt / "state.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    edit(arrays)
+    np.savez(ckpt / "state.npz", **arrays)
+
+
+def garbage_state(d: Path) -> None:
+    (d / "state.npz").write_bytes(b"this is not a zip archive\n" * 50)
+
+
+def truncated_state(d: Path) -> None:
+    data = (d / "state.npz").read_bytes()
+    (d / "state.npz").write_bytes(data[: len(data) // 2])
+
+
+def bad_json(d: Path) -> None:
+    (d / "meta.json").write_text('{"step": 2, "model": ', encoding="utf-8")
+
+
+def missing_key(d: Path) -> None:
+    edit_state(d, lambda a: a.pop("model.ln_f.bias"))
+
+
+def wrong_shape(d: Path) -> None:
+    edit_state(d, lambda a: a.update({"model.wpe.weight": np.zeros((16, 64), np.float32)}))
+
+
+def missing_optimizer_key(d: Path) -> None:
+    edit_state(d, lambda a: a.pop("optim.adamw.v.wpe.weight"))
+
+
+def object_array(d: Path) -> None:
+    # np.savez pickles an object array into the member: loading it could run code.
+    edit_state(d, lambda a: a.update({"model.wpe.weight": np.array([{"x": 1}, None])}))
+
+
+BAD_CHECKPOINTS = {
+    "garbage_state": (garbage_state, ["state.npz", "corrupted"]),
+    "truncated_state": (truncated_state, ["state.npz", "corrupted"]),
+    "bad_json": (bad_json, ["meta.json", "not valid JSON", "line 1"]),
+    "missing_key": (missing_key, ["model state", "1 missing", "ln_f.bias"]),
+    "wrong_shape": (wrong_shape, ["wpe.weight", "expected (32, 64)", "found (16, 64)"]),
+    "missing_optimizer_key": (missing_optimizer_key,
+                              ["optimizer state", "1 missing", "adamw.v.wpe.weight"]),
+    "pickled_objects": (object_array, ["pickled", "model.wpe.weight"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoint(case, run_train, tiny_checkpoint, tiny_data, tmp_path, out_dir):
+    damage, fragments = BAD_CHECKPOINTS[case]
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / case)
+    damage(ckpt)
+    proc = run_train([*TINY_ARGS, "--steps", "4", "--data", tiny_data, "--resume", ckpt,
+                      *outputs(out_dir)], timeout=60)
+    assert_usage_error(proc, out_dir, *fragments)
+
+
+def test_missing_checkpoint(run_train, tiny_data, tmp_path, out_dir):
+    proc = run_train([*TINY_ARGS, "--data", tiny_data, "--resume", tmp_path / "nowhere",
+                      *outputs(out_dir)], timeout=60)
+    assert_usage_error(proc, out_dir, "not found", "nowhere")
+
+
+def test_checkpoint_of_another_model(run_train, tiny_data, tmp_path, out_dir):
+    ckpt = tmp_path / "d32"
+    check_ok(run_train([*TINY_ARGS, "--d-model", "32", "--data", tiny_data, "--save", ckpt,
+                        "--quiet"]))
+    proc = run_train([*TINY_ARGS, "--steps", "4", "--data", tiny_data, "--resume", ckpt,
+                      *outputs(out_dir)], timeout=60)
+    assert_usage_error(proc, out_dir, "d_model=32", "d_model=64")
+
+
+def test_checkpoint_of_another_optimizer(run_train, tiny_checkpoint, tiny_data, out_dir):
+    proc = run_train([*TINY_ARGS, "--steps", "4", "--optimizer", "sgd", "--data", tiny_data,
+                      "--resume", tiny_checkpoint, *outputs(out_dir)], timeout=60)
+    assert_usage_error(proc, out_dir, "optimizer state", "sgd.momentum", "adamw.m")
+
+
+def test_resume_past_the_last_step(run_train, tiny_checkpoint, tiny_data, out_dir):
+    meta = json.loads((tiny_checkpoint / "meta.json").read_text())
+    assert meta["step"] == 2
+    proc = run_train([*TINY_ARGS, "--steps", "1", "--data", tiny_data,
+                      "--resume", tiny_checkpoint, *outputs(out_dir)], timeout=60)
+    assert_usage_error(proc, out_dir, "step 2", "--steps 1")
+
+
+# --------------------------------------------------------------------------------------------
+# python -m mpipar.sample
+# --------------------------------------------------------------------------------------------
+
+
+def sample(run_python, ckpt, *extra):
+    return run_python(["-m", "mpipar.sample", "--checkpoint", ckpt, *extra], timeout=60)
+
+
+def test_sample_module_is_deterministic_for_a_seed(run_python, tiny_checkpoint):
+    first = check_ok(sample(run_python, tiny_checkpoint, "-n", "50", "--seed", "3")).stdout
+    again = check_ok(sample(run_python, tiny_checkpoint, "-n", "50", "--seed", "3")).stdout
+    other = check_ok(sample(run_python, tiny_checkpoint, "-n", "50", "--seed", "4")).stdout
+    # The prompt "\n", 50 characters, then print's newline.
+    assert len(first) == 52 and first.startswith("\n"), repr(first)
+    assert set(first) <= set(TINY_TEXT)
+    assert first == again, "the same seed gave different samples"
+    # A 2-step model is still close to uniform over 36 characters: two 50-character samples
+    # from different seeds agree everywhere with probability about 36**-50.
+    assert first != other, "different seeds gave the same sample"
+
+
+@pytest.mark.parametrize("case", ["garbage_state", "bad_json", "wrong_shape", "pickled_objects"])
+def test_sample_module_refuses_a_bad_checkpoint(case, run_python, tiny_checkpoint, tmp_path):
+    damage, fragments = BAD_CHECKPOINTS[case]
+    ckpt = copy_checkpoint(tiny_checkpoint, tmp_path / case)
+    damage(ckpt)
+    proc = sample(run_python, ckpt, "-n", "5")
+    assert proc.returncode == 2, describe_run(proc)
+    assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert all(f in proc.stderr for f in fragments), proc.stderr
+
+
+def test_sample_module_without_newline_in_vocabulary(run_python, run_train, text_file,
+                                                     tmp_path):
+    data = text_file("letters.txt", "abcdefgh" * 100)
+    ckpt = tmp_path / "letters"
+    check_ok(run_train([*TINY_ARGS, "--data", data, "--save", ckpt, "--quiet"]))
+    out = check_ok(sample(run_python, ckpt, "-n", "20")).stdout
+    assert len(out.strip()) >= 20
