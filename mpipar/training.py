@@ -178,14 +178,24 @@ class Trainer:
         return total
 
     def finish_gradients(self) -> None:
-        """Gradient communication that completes the backward pass of a step."""
+        """Gradient communication that completes the backward pass of a step.
+
+        The tensor-parallel sum of replicated gradients and the data-parallel average are both
+        sums, so their order does not change the result, but without ZeRO data-parallel
+        buckets may still be in flight (launched during backward) and must not be written to
+        until ``finish`` has waited for them; with ZeRO the reduce-scatter keeps only a shard,
+        so the tensor-parallel sum has to come first.
+        """
+        zero_sharded = self.grad_sync is not None and self.grad_sync.zero > 0
         with self.tracer.context(phase="backward", microbatch=None):
-            if self.grid.tp > 1:
+            if self.grid.tp > 1 and (self.grad_sync is None or zero_sharded):
                 self.layers.sync_replicated_grads(self.params)
             if self.pipeline is not None:
                 self.pipeline.sync_tied_grads()
             if self.grad_sync is not None:
                 self.grad_sync.finish()
+                if self.grid.tp > 1 and not zero_sharded:
+                    self.layers.sync_replicated_grads(self.params)
 
     def global_grad_norm_sq(self) -> float:
         """Σ g² over the parameters of the whole model, each element counted once.

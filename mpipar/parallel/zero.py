@@ -1,0 +1,238 @@
+"""ZeRO (Rajbhandari et al., 2020): shard the optimizer state, and the gradients, over dp.
+
+Plain data parallelism keeps a full copy of everything on every rank. For a model of Ψ
+parameters trained in fp32 with AdamW, each rank holds
+
+    parameters 4Ψ bytes  +  gradients 4Ψ  +  AdamW moments m and v 8Ψ  =  16Ψ bytes,
+
+and the dp copies of m, v and the gradients are identical. ZeRO stage 1 gives each rank a 1/dp
+slice of the optimizer state; stage 2 slices the gradients too:
+
+    ZeRO-1:  4Ψ + 4Ψ + 8Ψ/dp          ZeRO-2:  4Ψ + 4Ψ/dp + 8Ψ/dp
+
+(stage 3, not built here, also slices the parameters). The step becomes
+
+1. **reduce-scatter** the flat gradient buffer: rank r receives the dp-sum of its shard only
+   (half the traffic of an all-reduce, which is a reduce-scatter followed by an all-gather);
+2. **update** the owned shard with AdamW (:func:`mpipar.optim.adamw_update`), using only the
+   owned slice of m and v;
+3. **all-gather** the updated parameter shards, so every rank has the whole model again.
+
+Steps 1 and 3 together move exactly the bytes of one all-reduce: ZeRO-1/2 cost no extra
+communication. With ``--allreduce ring`` they are literally the two halves of the ring
+all-reduce (:mod:`mpipar.parallel.ring`) with the optimizer step in between.
+
+The flat parameter space is the layout of :class:`~mpipar.parallel.data_parallel.DataParallel`
+(parameters in model order, zero padding at the end so that dp divides it); each rank owns a
+contiguous 1/dp of it, which cuts through parameters wherever it falls. Weight decay is
+therefore a per-element coefficient array over the shard (λ on elements of matrices and
+embeddings, 0 on biases and LayerNorm gains), the convention of :class:`mpipar.optim.AdamW`.
+The parameters' ``.data`` become views into one flat buffer, so the all-gather writes
+straight into the model.
+
+Checkpoints stay layout-independent: :meth:`ZeroAdamW.state_dict` gathers the shards and
+returns exactly the keys and shapes of ``AdamW.state_dict()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from mpipar.backend import to_numpy
+from mpipar.nn import Parameter
+from mpipar.optim import _load_into, adamw_update, decay_mask
+from mpipar.parallel.data_parallel import DataParallel, _unique
+from mpipar.parallel.ring import ring_allgather
+from mpipar.trace import human_bytes
+
+
+class ZeroAdamW:
+    """AdamW whose moments (ZeRO-1), and gradients (ZeRO-2), are sharded over dp.
+
+    ``grad_sync`` is the :class:`DataParallel` of the same parameters, built with
+    ``zero=1`` or ``zero=2``; its :meth:`~DataParallel.finish` leaves this rank's averaged
+    gradient shard in ``grad_sync.grad_shard``. The interface is that of
+    :class:`mpipar.optim.AdamW` plus what the training loop needs for a sharded gradient:
+    :meth:`grad_norm_sq` and :meth:`clip`.
+    """
+
+    def __init__(self, params: Iterable[Parameter], grad_sync: DataParallel, lr: float,
+                 weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8) -> None:
+        params = _unique(params)
+        if grad_sync.zero not in (1, 2):
+            raise ValueError(f"ZeroAdamW needs a DataParallel built with zero=1 or 2, "
+                             f"got zero={grad_sync.zero}")
+        if [id(p) for p in params] != [id(p) for p in grad_sync.params]:
+            raise ValueError("ZeroAdamW must get the same parameters, in the same order, as "
+                             "its DataParallel")
+        self.params, self.sync, self.comm = params, grad_sync, grad_sync.comm
+        self.lr, self.weight_decay, self.eps = float(lr), float(weight_decay), float(eps)
+        self.beta1, self.beta2 = (float(b) for b in betas)
+        self.step_count = 0
+        xp, dtype = grad_sync.xp, grad_sync.dtype
+        self.xp, self.dtype = xp, dtype
+
+        # Flat parameters (padded,), in DataParallel's layout; every p.data becomes a view.
+        self.flat_params = xp.zeros(grad_sync.padded, dtype=dtype)
+        for p, o in zip(params, grad_sync.offsets, strict=True):
+            self.flat_params[o:o + p.size] = p.data.reshape(-1)
+            p.data = self.flat_params[o:o + p.size].reshape(p.shape)
+
+        self.lo, self.hi = grad_sync.shard_lo, grad_sync.shard_hi
+        n = self.hi - self.lo  # shard length, padded / dp
+        self.segments = grad_sync.segments(self.lo, self.hi)
+        self.m = xp.zeros(n, dtype=dtype)
+        self.v = xp.zeros(n, dtype=dtype)
+        self._scratch = xp.empty(n, dtype=dtype)
+        # Per-element weight decay λ_i over the shard: λ on matrices/embeddings, else 0.
+        self.decay: Any = 0.0
+        if self.weight_decay:
+            self.decay = xp.zeros(n, dtype=dtype)
+            for p, _, _, s_lo, s_hi in self.segments:
+                if decay_mask(p):
+                    self.decay[s_lo:s_hi] = self.weight_decay
+        # MPI's all-gather needs a send buffer apart from the receive buffer.
+        self._send = xp.empty(n, dtype=dtype) if grad_sync.allreduce == "mpi" else None
+
+    # -- the update --------------------------------------------------------------------------
+    def step(self, lr: float | None = None) -> None:
+        """AdamW on the owned shard, then all-gather the parameters (see module docstring)."""
+        lr = self.lr if lr is None else float(lr)
+        self.step_count += 1
+        shard = self.flat_params[self.lo:self.hi]  # (padded/dp,) view of this rank's slice
+        if self._send is not None:  # update a copy, which the all-gather then sends
+            self._send[...] = shard
+            shard = self._send
+        adamw_update(shard, self.sync.grad_shard, self.m, self.v, lr=lr, beta1=self.beta1,
+                     beta2=self.beta2, eps=self.eps, weight_decay=self.decay,
+                     step=self.step_count, scratch=self._scratch)
+        if self._send is not None:
+            self.comm.allgather(self._send, self.flat_params)
+        else:  # the ring's second half: pass each rank's updated chunk around
+            bounds = self.sync.shard_bounds
+            tmp = self.xp.empty(bounds[0][1] - bounds[0][0], dtype=self.dtype)
+            ring_allgather(self.comm, self.flat_params, bounds, tmp)
+
+    def zero_grad(self) -> None:
+        """Zero the gradient buffer (delegated to the DataParallel that owns it)."""
+        self.sync.zero_grad()
+
+    def grad_norm_sq(self, owned: Callable[[Parameter], bool]) -> float:
+        """Σ g² over this rank's gradient shard, counting elements of params with ``owned(p)``.
+
+        Summed in float64. The shards of the dp ranks are disjoint, so the sum over the world
+        of this value counts every element of the model once (no division by dp).
+        """
+        g = self.sync.grad_shard
+        total = 0.0
+        for p, _, _, s_lo, s_hi in self.segments:
+            if owned(p):
+                part = g[s_lo:s_hi].astype(self.xp.float64, copy=False)
+                total = total + self.xp.dot(part, part)
+        return float(total)
+
+    def clip(self, norm: float, max_norm: float) -> None:
+        """If ``norm > max_norm``: g ← g · max_norm / (norm + 10⁻⁶) on the owned shard.
+
+        ``norm`` is the global norm; the formula is :func:`mpipar.optim.clip_grad_norm`'s.
+        """
+        if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+            self.sync.grad_shard *= float(max_norm) / (norm + 1e-6)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _gather_flat(self, shard: Any) -> np.ndarray:
+        """All ranks' shards of a state array, in flat order, on the host: (padded,)."""
+        gathered = self.xp.empty(self.sync.padded, dtype=self.dtype)
+        self.comm.allgather(shard, gathered)  # block r is rank r's shard ...
+        gathered = to_numpy(gathered)
+        full = np.empty_like(gathered)
+        n, bounds = self.comm.size, self.sync.shard_bounds
+        width = bounds[0][1] - bounds[0][0]
+        for r in range(n):  # ... which is chunk r (MPI) or chunk (r + 1) % n (ring)
+            lo, hi = bounds[(r + 1) % n if self.sync.allreduce == "ring" else r]
+            full[lo:hi] = gathered[r * width:(r + 1) * width]
+        return full
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """``AdamW.state_dict()``'s keys and shapes: ``adamw.m.<name>``, ``adamw.v.<name>``
+        (each parameter's local shape) and ``adamw.step``. Collective over dp."""
+        with self.comm.tracer.context(phase="other"):
+            m, v = self._gather_flat(self.m), self._gather_flat(self.v)
+        d: dict[str, np.ndarray] = {}
+        for p, o in zip(self.params, self.sync.offsets, strict=True):
+            d[f"adamw.m.{p.name}"] = m[o:o + p.size].reshape(p.shape).copy()
+            d[f"adamw.v.{p.name}"] = v[o:o + p.size].reshape(p.shape).copy()
+        d["adamw.step"] = np.array(self.step_count, dtype=np.int64)
+        return d
+
+    def load_state_dict(self, d: Mapping[str, np.ndarray]) -> None:
+        """Restore from full per-parameter state (``AdamW`` format); keep the owned slice.
+
+        Keys and shapes are checked as ``AdamW.load_state_dict`` checks them. No communication.
+        """
+        live: dict[str, Any] = {}
+        host_dtype = np.dtype(str(self.dtype))
+        for p in self.params:
+            live[f"adamw.m.{p.name}"] = np.zeros(p.shape, dtype=host_dtype)
+            live[f"adamw.v.{p.name}"] = np.zeros(p.shape, dtype=host_dtype)
+        live["adamw.step"] = np.zeros((), dtype=np.int64)
+        _load_into(live, d, "ZeroAdamW")
+        for p, p_lo, p_hi, s_lo, s_hi in self.segments:
+            for key, shard in (("m", self.m), ("v", self.v)):
+                full = live[f"adamw.{key}.{p.name}"].reshape(-1)  # (p.size,)
+                shard[s_lo:s_hi] = self.xp.asarray(full[p_lo:p_hi])
+        self.step_count = int(live["adamw.step"])
+
+    # -- memory ------------------------------------------------------------------------------
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank keeps for optimizer state and gradients, and without ZeRO.
+
+        ``baseline_*`` are what plain AdamW and an unsharded gradient buffer take for the
+        same local parameters (Ψ elements): 2Ψ and Ψ elements. The ratio is ~1/dp (exactly,
+        up to the padding of Ψ to a multiple of dp) for the optimizer state with ZeRO-1/2 and
+        for the gradients with ZeRO-2.
+        """
+        item = self.dtype.itemsize
+        return {
+            "zero": self.sync.zero,
+            "dp": self.comm.size,
+            "params": self.sync.numel,
+            "optimizer_state_bytes": int(self.m.nbytes + self.v.nbytes),
+            "grad_bytes": self.sync.grad_bytes(),
+            "baseline_optimizer_state_bytes": 2 * self.sync.numel * item,
+            "baseline_grad_bytes": self.sync.numel * item,
+        }
+
+
+def memory_report(optimizer: Any, grad_sync: DataParallel | None,
+                  params: list[Parameter]) -> dict[str, int]:
+    """The same report for any optimizer: ZeroAdamW's own, or plain AdamW/SGD's (zero 0).
+
+    For a plain optimizer, optimizer state is the bytes of its state arrays and gradient
+    bytes are the data-parallel flat buffer (or one gradient per parameter without dp).
+    """
+    if isinstance(optimizer, ZeroAdamW):
+        return optimizer.memory_report()
+    numel = sum(p.size for p in params)
+    item = params[0].dtype.itemsize
+    state = sum(int(a.nbytes) for a in optimizer.state_dict().values() if a.ndim > 0)
+    grads = grad_sync.grad_bytes() if grad_sync is not None else numel * item
+    return {"zero": 0, "dp": grad_sync.dp if grad_sync is not None else 1, "params": numel,
+            "optimizer_state_bytes": state, "grad_bytes": grads,
+            "baseline_optimizer_state_bytes": state, "baseline_grad_bytes": grads}
+
+
+def format_memory_report(r: Mapping[str, int]) -> str:
+    """One line for the start of a run: each size, and its ratio to the size without ZeRO."""
+
+    def part(what: str, key: str) -> str:
+        now, base = r[f"{key}_bytes"], r[f"baseline_{key}_bytes"]
+        return f"{what} {human_bytes(now)} ({now / base:.2f} × {human_bytes(base)})"
+
+    return (f"ZeRO-{r['zero']} over dp {r['dp']}, per rank (× the size without ZeRO): "
+            f"{part('optimizer state', 'optimizer_state')}, {part('gradients', 'grad')}")
