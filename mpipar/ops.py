@@ -611,18 +611,26 @@ class CausalAttention(Function):
         heads = qkv.reshape(b, t, 3, n_head, d).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
         q, k, v = heads[0], heads[1], heads[2]
         scale = 1.0 / math.sqrt(d)
-        s = q @ k.swapaxes(-1, -2)  # (B, H, T, T)
-        s *= scale
-        s += causal_mask_bias(t, xp, s.dtype)
-        s -= s.max(axis=-1, keepdims=True)
-        xp.exp(s, out=s)
-        s /= s.sum(axis=-1, keepdims=True)
-        p = s
-        pd = p * drop_mask if drop_mask is not None else p
-        y = pd @ v  # (B, H, T, D)
+        bias = causal_mask_bias(t, xp, qkv.dtype)
+        p = xp.empty((b, n_head, t, t), dtype=qkv.dtype)  # (B, H, T, T), kept for backward
+        pd = p if drop_mask is None else xp.empty_like(p)
+        y = xp.empty((b, t, n_head, d), dtype=qkv.dtype)  # heads side by side, as returned
+        # A few sequences at a time, so each (H, T, T) block of scores stays in cache through
+        # the whole softmax instead of streaming the full (B, H, T, T) array seven times.
+        for rows in _batch_blocks(p):
+            sb = p[rows]
+            xp.matmul(q[rows], k[rows].swapaxes(-1, -2), out=sb)
+            sb *= scale
+            sb += bias
+            sb -= sb.max(axis=-1, keepdims=True)
+            xp.exp(sb, out=sb)
+            sb /= sb.sum(axis=-1, keepdims=True)
+            if drop_mask is not None:
+                xp.multiply(sb, drop_mask[rows], out=pd[rows])
+            y[rows] = (pd[rows] @ v[rows]).transpose(0, 2, 1, 3)
         ctx.save_for_backward(q, k, v, p, pd, drop_mask)
         ctx.scale = scale
-        return y.transpose(0, 2, 1, 3).reshape(b, t, c)
+        return y.reshape(b, t, c)
 
     @staticmethod
     def backward(ctx, g):
@@ -631,16 +639,27 @@ class CausalAttention(Function):
         b, h, t, d = q.shape
         gy = g.reshape(b, t, h, d).transpose(0, 2, 1, 3)  # (B, H, T, D)
         out = xp.empty((b, t, 3, h, d), dtype=g.dtype)
-        out[:, :, 2] = (pd.swapaxes(-1, -2) @ gy).transpose(0, 2, 1, 3)  # dV
-        dp = gy @ v.swapaxes(-1, -2)  # (B, H, T, T)
-        if drop_mask is not None:
-            dp *= drop_mask
-        dp -= (dp * p).sum(axis=-1, keepdims=True)
-        dp *= p
-        dp *= ctx.scale  # now dS/√D folded in
-        out[:, :, 0] = (dp @ k).transpose(0, 2, 1, 3)  # dQ
-        out[:, :, 1] = (dp.swapaxes(-1, -2) @ q).transpose(0, 2, 1, 3)  # dK
+        for rows in _batch_blocks(p):
+            gyb, pb = gy[rows], p[rows]
+            out[rows, :, 2] = (pd[rows].swapaxes(-1, -2) @ gyb).transpose(0, 2, 1, 3)  # dV
+            dp = gyb @ v[rows].swapaxes(-1, -2)  # (b', H, T, T)
+            if drop_mask is not None:
+                dp *= drop_mask[rows]
+            dp -= (dp * pb).sum(axis=-1, keepdims=True)
+            dp *= pb
+            dp *= ctx.scale  # now dS/√D folded in
+            out[rows, :, 0] = (dp @ k[rows]).transpose(0, 2, 1, 3)  # dQ
+            out[rows, :, 1] = (dp.swapaxes(-1, -2) @ q[rows]).transpose(0, 2, 1, 3)  # dK
         return (out.reshape(b, t, 3 * h * d),)
+
+
+def _batch_blocks(scores) -> list[slice]:
+    """Slices of the batch axis of (B, H, T, T) scores, about CACHE_BLOCK elements each."""
+    per_row = scores[0].size if scores.shape[0] else 1
+    if array_module(scores).__name__ != "numpy":
+        return [slice(0, scores.shape[0])]
+    step = max(1, CACHE_BLOCK // max(per_row, 1))
+    return [slice(i, i + step) for i in range(0, scores.shape[0], step)]
 
 
 # ---------------------------------------------------------------------------------------------
