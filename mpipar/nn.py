@@ -10,7 +10,7 @@ pipeline stage that builds only some blocks, a tensor-parallel rank that keeps o
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +51,17 @@ class Parameter(Tensor):
         self.local_index: Any = ...
         self.replicated_in_tp = shard_index is None
         self.tied = False
+
+
+def unique_parameters(params: Iterable[Parameter]) -> list[Parameter]:
+    """The parameters in order, each object once (a tied weight may be listed twice)."""
+    seen: set[int] = set()
+    out = []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
 
 
 def initial_value(seed: int, name: str, init: Init, shape: tuple[int, ...]) -> np.ndarray:

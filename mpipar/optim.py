@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from mpipar.backend import array_module, to_numpy
+from mpipar.nn import unique_parameters
 
 # --------------------------------------------------------------------------------------------
 # Update rules on arrays (in place)
@@ -144,20 +145,15 @@ def decay_mask(param) -> bool:
 
 
 def _unique_params(params: Iterable) -> list:
-    """The parameters in order, each object once (a tied weight may be listed twice)."""
-    seen_ids: set[int] = set()
+    """The parameters in order, each object once, with unique names (state is keyed by name)."""
+    out = unique_parameters(params)
     names: set[str] = set()
-    out = []
-    for p in params:
-        if id(p) in seen_ids:
-            continue
+    for p in out:
         if p.name in names:
             raise ValueError(
                 f"two different parameters are named {p.name!r}; optimizer state needs unique names"
             )
-        seen_ids.add(id(p))
         names.add(p.name)
-        out.append(p)
     if not out:
         raise ValueError("optimizer got an empty parameter list")
     return out

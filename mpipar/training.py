@@ -31,7 +31,7 @@ from mpipar.backend import get_xp, to_numpy
 from mpipar.data import Dataset, eval_batches, get_batch, shard_rows, split_microbatches
 from mpipar.grid import ProcessGrid
 from mpipar.model import GPT, GPTConfig, SerialLayers
-from mpipar.nn import DropoutKey, Parameter
+from mpipar.nn import DropoutKey, Parameter, unique_parameters
 from mpipar.optim import SGD, AdamW, clip_grad_norm, grad_norm_sq, lr_at
 from mpipar.trace import Tracer
 
@@ -81,7 +81,7 @@ class Trainer:
         self.dtype = np.dtype(cfg.dtype)
         self.layers = self._make_layers()
         self.chunks: list[GPT] = self._make_chunks()
-        self.params: list[Parameter] = _unique(p for c in self.chunks for p in c.parameters())
+        self.params = unique_parameters(p for c in self.chunks for p in c.parameters())
         self.grad_sync = self._make_grad_sync()
         self.optimizer = self._make_optimizer()
         self.step = 0  # the next step to run
@@ -407,15 +407,6 @@ def gather_names(grid: ProcessGrid, names: list[str]) -> list[str]:
     """The sorted union of parameter names held anywhere (a small control message)."""
     everyone = grid.world.allgather_object(names)
     return sorted({n for names_r in everyone for n in names_r})
-
-
-def _unique(params) -> list[Parameter]:
-    seen, out = set(), []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
 
 
 class MetricsWriter:

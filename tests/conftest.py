@@ -32,7 +32,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import pytest  # noqa: E402
-from mpi_util import kill_job, run_mpi  # noqa: E402
+from mpi_util import run_killable, run_mpi  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "train.py"
@@ -46,17 +46,6 @@ TINY_TEXT = "".join(
 TINY_ARGS = ["--preset", "tiny", "--steps", "2", "--eval-every", "0"]
 
 
-def quiet_blas_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The inherited environment with one BLAS thread and the repo on ``PYTHONPATH``."""
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + path if path else "")
-    if extra:
-        env.update(extra)
-    return env
-
-
 def python_subprocess(
     args: list[str],
     timeout: float = 120,
@@ -65,30 +54,10 @@ def python_subprocess(
 ) -> subprocess.CompletedProcess:
     """Run ``<this python> *args`` (cwd: the repo root) and return its exit code and output.
 
-    The child starts a new session, so on timeout ``kill_job`` reaches it and anything it
-    started; the test then fails showing what it printed. The exit code is not checked here.
+    Killed with everything it started on timeout, failing the test (``run_killable``).
     """
-    cmd = [sys.executable, *[str(a) for a in args]]
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=quiet_blas_env(env),
-        cwd=str(cwd) if cwd is not None else str(REPO),
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_job(proc.pid)
-        out, err = proc.communicate()
-        pytest.fail(
-            f"`{' '.join(cmd)}` did not finish within {timeout} s (killed)\n"
-            f"--- stdout ---\n{out}\n--- stderr ---\n{err}",
-            pytrace=False,
-        )
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return run_killable([sys.executable, *[str(a) for a in args]], timeout=timeout, env=env,
+                        cwd=cwd)
 
 
 def train_subprocess(

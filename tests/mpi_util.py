@@ -42,34 +42,38 @@ def script(name: str) -> str:
     return str(SCRIPTS / name)
 
 
-def run_mpi(
-    n: int,
-    args: list[str],
+def test_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The inherited environment with one BLAS thread and the repo root on ``PYTHONPATH``.
+
+    Ranks already oversubscribe the cores; extra BLAS threads would only fight over them.
+    """
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + path if path else "")
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_killable(
+    cmd: list[str],
     timeout: float = 120,
     env: dict[str, str] | None = None,
     cwd: str | os.PathLike | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``mpirun -n n <python> *args`` and return its exit code and captured output.
+    """Run ``cmd`` (cwd: the repo root) with :func:`test_env`; never let it outlive ``timeout``.
 
-    BLAS threads are pinned to 1 per rank (ranks already oversubscribe the cores), the repo
-    root is put on ``PYTHONPATH`` and is the default working directory. ``env`` entries are
-    added to the inherited environment. On timeout the whole job is SIGKILLed and the test
-    fails with the captured stdout/stderr. The return code is not checked here: failure
-    tests need it.
+    The command starts a session of its own; on timeout it and everything below it are
+    SIGKILLed (:func:`kill_job`) and the test fails with the captured stdout/stderr. The
+    return code is not checked here: failure tests need it.
     """
-    full_env = dict(os.environ)
-    full_env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    path = full_env.get("PYTHONPATH")
-    full_env["PYTHONPATH"] = str(REPO) + (os.pathsep + path if path else "")
-    if env:
-        full_env.update(env)
-    cmd = [mpirun_path(), "-n", str(n), sys.executable, *args]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=full_env,
+        env=test_env(env),
         cwd=str(cwd) if cwd is not None else str(REPO),
         start_new_session=True,  # its own process group: one killpg reaches every rank
     )
@@ -84,6 +88,22 @@ def run_mpi(
             pytrace=False,
         )
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_mpi(
+    n: int,
+    args: list[str],
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``mpirun -n n <python> *args`` under :func:`run_killable`.
+
+    On timeout the whole job (launcher, proxies, every rank) is killed and the test fails
+    with the captured output.
+    """
+    return run_killable([mpirun_path(), "-n", str(n), sys.executable, *map(str, args)],
+                        timeout=timeout, env=env, cwd=cwd)
 
 
 def kill_job(pid: int) -> None:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from mpipar.backend import array_module
 from mpipar.comm import Comm, Request, wait_all
-from mpipar.nn import Parameter
+from mpipar.nn import Parameter, unique_parameters
 from mpipar.parallel.ring import chunk_bounds, ring_allreduce, ring_reduce_scatter
 
 STRATEGIES = ("per_param", "flat", "bucketed")
@@ -96,17 +96,6 @@ def assign_buckets(sizes: list[int], cap: float) -> list[list[int]]:
     return buckets
 
 
-def _unique(params: Iterable[Parameter]) -> list[Parameter]:
-    """The parameters in order, each object once (a tied weight may appear twice)."""
-    seen: set[int] = set()
-    out = []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
 class DataParallel:
     """Averages gradients over a data-parallel group; see the module docstring.
 
@@ -144,7 +133,7 @@ class DataParallel:
             raise ValueError(f"zero must be 0, 1 or 2, got {zero}")
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
-        self.params = _unique(params)
+        self.params = unique_parameters(params)
         if not self.params:
             raise ValueError("DataParallel got no parameters")
         dtypes = {str(p.dtype) for p in self.params}

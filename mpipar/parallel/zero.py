@@ -43,9 +43,9 @@ from typing import Any
 import numpy as np
 
 from mpipar.backend import to_numpy
-from mpipar.nn import Parameter
+from mpipar.nn import Parameter, unique_parameters
 from mpipar.optim import _load_into, adamw_update, decay_mask
-from mpipar.parallel.data_parallel import DataParallel, _unique
+from mpipar.parallel.data_parallel import DataParallel
 from mpipar.parallel.ring import ring_allgather
 from mpipar.trace import human_bytes
 
@@ -63,7 +63,7 @@ class ZeroAdamW:
     def __init__(self, params: Iterable[Parameter], grad_sync: DataParallel, lr: float,
                  weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8) -> None:
-        params = _unique(params)
+        params = unique_parameters(params)
         if grad_sync.zero not in (1, 2):
             raise ValueError(f"ZeroAdamW needs a DataParallel built with zero=1 or 2, "
                              f"got zero={grad_sync.zero}")

@@ -60,6 +60,9 @@ def main() -> None:
     mine = np.full(args.count, float(r))
     theirs = np.empty(args.count)
 
+    # Both ranks start the swap (and the watchdog's clock) together: a rank still starting up
+    # on a busy machine must not look like a deadlock to the other.
+    world.barrier()
     timer = watchdog(r, "the swap")
     if args.fix is None:  # both ranks: send, then receive
         world.send(mine, dest=other)
