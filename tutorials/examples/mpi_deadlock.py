@@ -37,8 +37,10 @@ WATCHDOG_S = 3.0
 
 def watchdog(rank: int, what: str) -> threading.Timer:
     def fire() -> None:
-        print(f"rank {rank}: still blocked in {what} after {WATCHDOG_S:.0f} s: deadlock",
-              flush=True)
+        # One write of the whole line: print() writes the text and the newline separately,
+        # and the two ranks' lines could then interleave in the launcher's output.
+        line = f"rank {rank}: still blocked in {what} after {WATCHDOG_S:.0f} s: deadlock\n"
+        os.write(sys.stdout.fileno(), line.encode())
         time.sleep(1.0)  # let the other rank's watchdog have its say before the job ends
         os._exit(3)  # every rank's watchdog fires, so the whole job ends
 
