@@ -179,3 +179,16 @@ def parse_verdict(proc: subprocess.CompletedProcess) -> dict:
         if line.startswith("VERDICT "):
             return json.loads(line[len("VERDICT "):])
     pytest.fail("no VERDICT line in the output\n" + describe(proc), pytrace=False)
+
+
+def run_equivalence(n: int, spec: dict, timeout: float = 120) -> dict:
+    """Run ``mpi_scripts/equivalence.py`` on ``n`` ranks with ``spec``; return its verdict."""
+    return parse_verdict(run_mpi_ok(n, [script("equivalence.py"), json.dumps(spec)],
+                                    timeout=timeout))
+
+
+def assert_check_passed(verdict: dict, name: str) -> None:
+    """Fail unless the check ``name`` ran in ``verdict`` and no rank reported a failure."""
+    failures = verdict.get(name)
+    assert failures is not None, f"check {name!r} did not run; ran: {sorted(verdict)}"
+    assert failures == [], "\n".join(failures)

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import check_ok, describe_run, python_subprocess, train_subprocess
-from mpi_util import parse_verdict, run_mpi_ok, script
+from mpi_util import assert_check_passed, parse_verdict, run_equivalence, run_mpi_ok, script
 
 from mpipar import ops
 from mpipar.autograd import Tensor
@@ -265,7 +265,7 @@ def test_viz_schedule_draws_a_png(tmp_path):
 
 S1F1B = {"schedule": "1f1b"}
 EQUIVALENCE = {
-    # launch id: (world size, model overrides, layouts, needs dp/tp modules)
+    # launch id: (world size, model overrides, layouts)
     "pp2": (2, {"dropout": 0.1}, [
         {"name": "pp2 naive m1", "pp": 2, "train": {"schedule": "naive", "microbatches": 1}},
         {"name": "pp2 naive m3", "pp": 2,
@@ -281,7 +281,7 @@ EQUIVALENCE = {
          "train": {"schedule": "interleaved", "virtual_stages": 2, "microbatches": 2}},
         {"name": "pp2 interleaved v2 m4", "pp": 2,
          "train": {"schedule": "interleaved", "virtual_stages": 2, "microbatches": 4}},
-    ], False),
+    ]),
     "pp4": (4, {"n_layer": 8}, [
         {"name": "pp4 naive m2", "pp": 4, "train": {"schedule": "naive", "microbatches": 2}},
         {"name": "pp4 gpipe m2", "pp": 4, "train": {"schedule": "gpipe", "microbatches": 2}},
@@ -294,7 +294,7 @@ EQUIVALENCE = {
          "train": {"schedule": "interleaved", "virtual_stages": 2, "microbatches": 4}},
         {"name": "pp4 interleaved v2 m8", "pp": 4,
          "train": {"schedule": "interleaved", "virtual_stages": 2, "microbatches": 8}},
-    ], False),
+    ]),
     "pp2 x dp/tp": (4, {"dropout": 0.1}, [
         {"name": "pp2 dp2 1f1b m2", "pp": 2, "dp": 2, "train": {**S1F1B, "microbatches": 2}},
         {"name": "pp2 dp2 interleaved v2 m2 zero1", "pp": 2, "dp": 2,
@@ -304,17 +304,17 @@ EQUIVALENCE = {
          "train": {"schedule": "gpipe", "microbatches": 4}},
         {"name": "pp2 tp2 sp 1f1b m4", "pp": 2, "tp": 2,
          "train": {**S1F1B, "microbatches": 4, "sequence_parallel": True}},
-    ], True),
+    ]),
     "pp2 x tp2 x dp2": (8, {"dropout": 0.1}, [
         {"name": "pp2 tp2 dp2 1f1b m2", "pp": 2, "tp": 2, "dp": 2,
          "train": {**S1F1B, "microbatches": 2}},
         {"name": "pp2 tp2 dp2 sp interleaved v2 m2", "pp": 2, "tp": 2, "dp": 2,
          "train": {"schedule": "interleaved", "virtual_stages": 2, "microbatches": 2,
                    "sequence_parallel": True}},
-    ], True),
+    ]),
 }
 EQUIVALENCE_CHECKS = [(launch, f"{layout['name']}: {what}")
-                      for launch, (_, _, layouts, _) in EQUIVALENCE.items()
+                      for launch, (_, _, layouts) in EQUIVALENCE.items()
                       for layout in layouts
                       for what in ("losses", "grad norms", "parameters", "optimizer state")]
 
@@ -326,13 +326,9 @@ def equivalence_verdicts():
 
     def get(launch: str) -> dict:
         if launch not in cache:
-            n, model, layouts, needs_dp_tp = EQUIVALENCE[launch]
-            if needs_dp_tp:
-                pytest.importorskip("mpipar.parallel.data_parallel")
-                pytest.importorskip("mpipar.parallel.tensor_parallel")
+            n, model, layouts = EQUIVALENCE[launch]
             spec = {"steps": 2, "model": model, "layouts": layouts}
-            proc = run_mpi_ok(n, [script("equivalence.py"), json.dumps(spec)], timeout=120)
-            cache[launch] = parse_verdict(proc)
+            cache[launch] = run_equivalence(n, spec)
         return cache[launch]
 
     return get
@@ -341,10 +337,7 @@ def equivalence_verdicts():
 @pytest.mark.parametrize("launch,name", EQUIVALENCE_CHECKS,
                          ids=[f"{launch}: {name}" for launch, name in EQUIVALENCE_CHECKS])
 def test_serial_equivalence(equivalence_verdicts, launch, name):
-    verdict = equivalence_verdicts(launch)
-    failures = verdict.get(name)
-    assert failures is not None, f"check {name!r} did not run; ran: {sorted(verdict)}"
-    assert failures == [], "\n".join(failures)
+    assert_check_passed(equivalence_verdicts(launch), name)
 
 
 # ---- memory, evaluation, generation, trace (pp_checks.py) --------------------------------

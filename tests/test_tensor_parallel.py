@@ -14,12 +14,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 from conftest import TINY_ARGS, check_ok, describe_run
-from mpi_util import parse_verdict, run_mpi_ok, script
+from mpi_util import assert_check_passed, parse_verdict, run_equivalence, run_mpi_ok, script
 
 # ---- layers, mappings, loss, trace counts, generation (tp_checks.py) -----------------------
 
@@ -113,8 +112,7 @@ def equivalence_verdicts() -> dict[str, dict]:
         if launch not in cache:
             n, dropout, layouts = EQUIVALENCE[launch]
             spec = {"steps": 3, "model": {"dropout": dropout}, "layouts": layouts}
-            proc = run_mpi_ok(n, [script("equivalence.py"), json.dumps(spec)], timeout=120)
-            cache[launch] = parse_verdict(proc)
+            cache[launch] = run_equivalence(n, spec)
         return cache[launch]
 
     return get
@@ -123,10 +121,7 @@ def equivalence_verdicts() -> dict[str, dict]:
 @pytest.mark.parametrize("launch,name", EQUIVALENCE_CHECKS,
                          ids=[f"{launch}: {name}" for launch, name in EQUIVALENCE_CHECKS])
 def test_serial_equivalence(equivalence_verdicts, launch, name):
-    verdict = equivalence_verdicts(launch)
-    failures = verdict.get(name)
-    assert failures is not None, f"check {name!r} did not run; ran: {sorted(verdict)}"
-    assert failures == [], "\n".join(failures)
+    assert_check_passed(equivalence_verdicts(launch), name)
 
 
 # ---- the command line ---------------------------------------------------------------------
