@@ -375,7 +375,7 @@ def run(args, cfg, tc, sizes, data, source, resumed, rank) -> int:
     peaks = world.allgather_object(peak_memory_bytes())
     pipeline = None
     if trainer.pipeline is not None:  # measured bubble and stashed activations, every rank's
-        from mpipar.viz import pipeline_report, step_extents
+        from mpipar.parallel.pipeline.measure import pipeline_report, step_extents
 
         pipeline = pipeline_report(world.allgather_object(
             (step_extents(tracer.records), trainer.pipeline.memory_summary())),
@@ -400,7 +400,7 @@ def run(args, cfg, tc, sizes, data, source, resumed, rank) -> int:
             "memory_rank0": memory,  # optimizer-state and gradient bytes (ZeRO's saving)
         }
         if pipeline is not None:
-            from mpipar.viz import format_pipeline_report
+            from mpipar.parallel.pipeline.measure import format_pipeline_report
 
             summary["pipeline"] = pipeline
             report(format_pipeline_report(pipeline))

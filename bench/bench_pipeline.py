@@ -62,9 +62,13 @@ from mpipar.comm import Comm, install_excepthook  # noqa: E402
 from mpipar.grid import ProcessGrid  # noqa: E402
 from mpipar.model import PRESETS, GPTConfig  # noqa: E402
 from mpipar.parallel.pipeline.checker import theoretical_bubble  # noqa: E402
+from mpipar.parallel.pipeline.measure import (  # noqa: E402
+    compute_interval,
+    measured_bubble,
+    step_extents,
+)
 from mpipar.trace import Tracer, human_bytes  # noqa: E402
 from mpipar.training import TrainConfig, Trainer  # noqa: E402
-from mpipar.viz import compute_interval, measured_bubble, step_extents  # noqa: E402
 
 NPROCS = 2  # bench/run_all.py launches this script with mpirun -n 2
 

@@ -216,6 +216,7 @@ class GPT(Module):
         if pre or post:
             # The tied matrix: used by the embedding (first stage) and the head (last stage).
             self.wte = layers.token_embedding(cfg.vocab_size, cfg.d_model)
+            self.wte.weight.tied_embedding = True  # embeds on the first stage, scores on the last
         if pre:
             self.wpe = Embedding(cfg.seq_len, cfg.d_model, std=0.01, dtype=dtype)
             self.drop = Dropout(cfg.dropout, site=0)

@@ -38,9 +38,13 @@ class Parameter(Tensor):
     the same values (LayerNorm gains, row-parallel biases), which matters for the gradient norm.
     ``local_index`` is where in ``data`` those values go (``...``: all of it); it differs only
     for a padded shard (a vocabulary that tp does not divide), whose padding rows stay zero.
+    ``tied`` says this module uses the parameter twice (the embedding doubling as the head);
+    ``tied_embedding`` marks the token-embedding matrix on every pipeline stage that holds a
+    copy of it (the first embeds with it, the last scores with it).
     """
 
-    __slots__ = ("init", "full_shape", "shard_index", "local_index", "replicated_in_tp", "tied")
+    __slots__ = ("init", "full_shape", "shard_index", "local_index", "replicated_in_tp", "tied",
+                 "tied_embedding")
 
     def __init__(self, shape: tuple[int, ...], init: Init, dtype: Any = np.float32,
                  full_shape: tuple[int, ...] | None = None, shard_index: Any = None) -> None:
@@ -51,6 +55,7 @@ class Parameter(Tensor):
         self.local_index: Any = ...
         self.replicated_in_tp = shard_index is None
         self.tied = False
+        self.tied_embedding = False
 
 
 def unique_parameters(params: Iterable[Parameter]) -> list[Parameter]:

@@ -51,17 +51,17 @@ from mpipar.parallel.pipeline.executor import (
     forward_only_program,
     graph_bytes,
 )
-from mpipar.parallel.pipeline.stages import build_stage_chunks, describe_stages, stage_bounds
-from mpipar.trace import COMPUTE, Tracer, TraceRecord, load_jsonl
-from mpipar.viz import (
+from mpipar.parallel.pipeline.measure import (
     bubble_from_records,
     compute_interval,
     measured_bubble,
-    split_sendrecvs,
     step_extents,
     trace_timeline,
 )
+from mpipar.parallel.pipeline.stages import build_stage_chunks, describe_stages, stage_bounds
+from mpipar.trace import COMPUTE, Tracer, TraceRecord, load_jsonl
 from mpipar.viz import main as viz_main
+from mpipar.viz import split_sendrecvs
 
 # ---- stages -----------------------------------------------------------------------------
 

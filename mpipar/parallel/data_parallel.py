@@ -181,6 +181,16 @@ class DataParallel:
                 p.register_grad_hook(self._on_grad_ready)
         self.zero_grad()
 
+    @property
+    def grad_replicas(self) -> int:
+        """How many ranks of the group hold each averaged gradient element after `finish`.
+
+        dp when gradients are all-reduced (every replica holds all of them), 1 when ZeRO
+        reduce-scatters them (each element lives in one rank's shard). A sum over the group
+        of per-rank Σg² divided by this counts every element once.
+        """
+        return 1 if self.zero else self.dp
+
     # -- set-up ------------------------------------------------------------------------------
     def _make_buckets(self) -> list[Bucket]:
         cap = {"per_param": 0.0, "flat": float("inf"),

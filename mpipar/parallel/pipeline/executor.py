@@ -68,12 +68,8 @@ from .instructions import (
     stage_location,
     virtual_stage,
 )
+from .measure import span_name
 from .schedules import build_schedule
-
-
-def span_name(kind: str, chunk: int) -> str:
-    """Name of a compute span in the trace, e.g. ``"forward chunk 1"`` (parsed by `viz`)."""
-    return f"{kind} chunk {chunk}"
 
 
 def forward_only_program(r: int, p: int, m: int, v: int) -> list[Instruction]:
@@ -478,4 +474,4 @@ class PipelineExecutor:
 
 
 __all__ = ["BufferPool", "PipelineConfig", "PipelineExecutor", "StashStats",
-           "forward_only_program", "graph_bytes", "span_name"]
+           "forward_only_program", "graph_bytes"]
