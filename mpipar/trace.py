@@ -15,7 +15,9 @@ From the records we derive
 * :func:`to_chrome_trace`: a Chrome/Perfetto ``traceEvents`` file (open it at
   ``ui.perfetto.dev`` or ``chrome://tracing``): one process per rank, one thread per kind of
   activity;
-* :func:`write_jsonl` / :func:`load_jsonl`: the ``--trace FILE`` format, one record per line.
+* :func:`write_jsonl` / :func:`load_jsonl`: the ``--trace FILE`` format, one record per line;
+* :func:`grouped_totals`: the same sums grouped by any of op, group, phase, rank and step,
+  which ``python -m mpipar.trace summary FILE --by op,group,phase`` prints for a trace file.
 
 Tracing is off by default and then costs a single attribute check per call: ``Comm`` looks at
 ``tracer.enabled`` before it even reads the clock.
@@ -26,9 +28,12 @@ one rank and written there.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
+import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -310,3 +315,143 @@ def load_jsonl(path: str) -> list[TraceRecord]:
                 d["shape"] = tuple(d["shape"])
                 out.append(TraceRecord(**d))
     return out
+
+
+# ---- the command line: python -m mpipar.trace summary FILE ---------------------------------
+
+SUMMARY_FIELDS = ("op", "group", "phase", "rank", "step")  # what ``--by`` can group on
+
+
+def _sort_key(fields: tuple[str, ...], key: tuple) -> tuple:
+    """Order rows field by field: phases in training order, everything else ascending."""
+    return tuple(
+        (PHASES.index(value) if value in PHASES else len(PHASES), value)
+        if field == "phase" else (0, value)
+        for field, value in zip(fields, key, strict=True)
+    )
+
+
+def grouped_totals(
+    records: Iterable[TraceRecord], by: tuple[str, ...] = ("op", "group"),
+    step: int | None = None,
+) -> dict[tuple, dict[str, float]]:
+    """Sum calls, bytes and seconds of communication records per value of the fields ``by``.
+
+    ``by`` names fields of :class:`TraceRecord` among :data:`SUMMARY_FIELDS`; the keys of the
+    result are tuples of their values, in that order, and come out sorted (phases in the order
+    forward, backward, optimizer, other). With ``step`` only that step's records count.
+    Compute spans are left out, as in :func:`comm_totals`.
+    """
+    unknown = [f for f in by if f not in SUMMARY_FIELDS]
+    if unknown or not by:
+        raise ValueError(f"cannot group by {unknown or 'nothing'}; choose from "
+                         f"{', '.join(SUMMARY_FIELDS)}")
+    acc: dict[tuple, dict[str, float]] = {}
+    for r in records:
+        if r.op == COMPUTE or (step is not None and r.step != step):
+            continue
+        row = acc.setdefault(tuple(getattr(r, f) for f in by),
+                             {"calls": 0, "bytes": 0, "time": 0.0})
+        row["calls"] += 1
+        row["bytes"] += r.nbytes
+        row["time"] += r.end - r.start
+    return dict(sorted(acc.items(), key=lambda item: _sort_key(by, item[0])))
+
+
+def format_grouped_table(totals: dict[tuple, dict[str, float]], by: tuple[str, ...]) -> str:
+    """One row per key of :func:`grouped_totals`: calls, bytes (binary units and exact), time.
+
+    The key columns are as wide as their longest value, so the table stays aligned whatever
+    the names; a last row gives the totals.
+    """
+    widths = [max([len(f)] + [len(str(k[i])) for k in totals]) + 2 for i, f in enumerate(by)]
+    keys_width = sum(widths)
+    header = ("".join(f"{f:<{w}}" for f, w in zip(by, widths, strict=True))
+              + f"{'calls':>8}{'bytes':>13}{'exact bytes':>16}{'time s':>11}")
+    lines = [header, "-" * len(header)]
+    for key, row in totals.items():
+        lines.append("".join(f"{str(v):<{w}}" for v, w in zip(key, widths, strict=True))
+                     + _numbers(row["calls"], row["bytes"], row["time"]))
+    lines.append("-" * len(header))
+    lines.append(f"{'total':<{keys_width}}" + _numbers(
+        sum(r["calls"] for r in totals.values()), sum(r["bytes"] for r in totals.values()),
+        sum(r["time"] for r in totals.values())))
+    return "\n".join(lines)
+
+
+def _numbers(calls: float, nbytes: float, seconds: float) -> str:
+    return f"{int(calls):>8}{human_bytes(nbytes):>13}{int(nbytes):>16,}{seconds:>11.4f}"
+
+
+def _fields(text: str) -> tuple[str, ...]:
+    """``--by`` value ``"op,group"`` → ``("op", "group")``, checked (argparse type)."""
+    by = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in by if f not in SUMMARY_FIELDS]
+    if bad or not by or len(set(by)) != len(by):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give distinct fields, comma-separated, from "
+            f"{','.join(SUMMARY_FIELDS)}")
+    return by
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m mpipar.trace summary FILE [--by FIELDS] [--step N]``."""
+    ap = argparse.ArgumentParser(prog="python -m mpipar.trace",
+                                 description="Read a trace written by train.py --trace.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser(
+        "summary", help="calls, bytes and time of the communication, grouped",
+        description="Print the communication calls of a train.py --trace FILE (JSON lines, "
+                    "all ranks) as a table of calls, bytes and seconds, summed over the "
+                    "records of each group. Compute spans are left out.")
+    s.add_argument("file", metavar="FILE", help="JSON-lines trace written by train.py --trace")
+    s.add_argument("--by", type=_fields, default=("op", "group"), metavar="FIELDS",
+                   help="comma-separated fields to group on, from "
+                        f"{','.join(SUMMARY_FIELDS)} (default: op,group)")
+    s.add_argument("--step", type=int, metavar="N",
+                   help="only the records of training step N (default: every step)")
+    return ap
+
+
+def summary_command(path: str, by: tuple[str, ...], step: int | None) -> int:
+    """Print the table for ``path``; 2 (with a message) when the file or the step is bad."""
+    records = load_jsonl(path)
+    steps = sorted({r.step for r in records})
+    if step is not None and step not in steps:
+        listed = (f"steps {steps[0]}..{steps[-1]}" if len(steps) > 1
+                  else f"only step {steps[0]}" if steps else "no records")
+        print(f"python -m mpipar.trace: error: --step {step}: {path} has {listed}",
+              file=sys.stderr)
+        return 2
+    totals = grouped_totals(records, by, step)
+    ranks = len({r.rank for r in records})
+    where = f"step {step}" if step is not None else "all steps"
+    print(f"{path}, {where}: communication by {', '.join(by)}, summed over {ranks} rank(s)")
+    print(format_grouped_table(totals, by) if totals else "no communication calls")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = summary_command(args.file, args.by, args.step)
+        sys.stdout.flush()  # here, so that a closed pipe (``| head``) is caught below
+    except BrokenPipeError:
+        # The reader has gone: stop quietly, and keep Python's final flush from failing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"python -m mpipar.trace: error: {_path_error(args.file, exc)}", file=sys.stderr)
+        return 2
+    return code
+
+
+def _path_error(path: str, exc: BaseException) -> str:
+    """One line for a trace file that cannot be read or is not a trace."""
+    if isinstance(exc, OSError):
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return f"{path} is not a trace written by train.py --trace ({type(exc).__name__}: {exc})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
