@@ -109,11 +109,11 @@ class Trainer:
     def _make_grad_sync(self):
         if self.grid.dp == 1:
             return None
-        from mpipar.parallel.data_parallel import DataParallel
+        from mpipar.parallel.zero import make_grad_sync
 
-        return DataParallel(self.params, self.grid.dp_comm, strategy=self.tc.dp_strategy,
-                            bucket_mb=self.tc.bucket_mb, overlap=self.tc.overlap,
-                            allreduce=self.tc.allreduce, zero=self.tc.zero)
+        return make_grad_sync(self.params, self.grid.dp_comm, strategy=self.tc.dp_strategy,
+                              bucket_mb=self.tc.bucket_mb, overlap=self.tc.overlap,
+                              allreduce=self.tc.allreduce, zero=self.tc.zero)
 
     def _make_optimizer(self):
         tc = self.tc

@@ -4,9 +4,10 @@ Multi-process checks run in few launches (launching is the slow part):
 
 * ``equivalence.py`` with the float64 matrix of strategy × ZeRO stage × gradient
   accumulation (plus overlap off, the ring, tiny buckets), on 2 and on 4 ranks;
-* ``dp_checks.py``: float32 and dropout equivalence, the communication volume read from the
-  trace against the tutorial's arithmetic, the start-up broadcast, ZeRO memory and a ZeRO
-  checkpoint loaded into another layout, on 2 and on 4 ranks;
+* ``dp_checks.py``: float32 and dropout equivalence, every strategy against the plain
+  per-parameter all-reduce, the communication volume read from the trace against the
+  tutorial's arithmetic, the start-up broadcast, ZeRO memory and a ZeRO checkpoint loaded
+  into another layout, on 2 and on 4 ranks;
 * ``train.py`` itself, as ``make train`` and with ``--zero 1 --allreduce ring --trace``.
 
 dp = 1 runs in this process: ``DataParallel`` over ``MPI.COMM_SELF`` must leave training
@@ -27,7 +28,7 @@ from mpipar.data import CharTokenizer, get_batch, make_dataset, split_microbatch
 from mpipar.model import GPT, GPTConfig
 from mpipar.optim import AdamW, clip_grad_norm, grad_norm_sq
 from mpipar.parallel.data_parallel import MIB, DataParallel, assign_buckets
-from mpipar.parallel.zero import ZeroAdamW
+from mpipar.parallel.zero import ZeroAdamW, make_grad_sync
 from mpipar.trace import human_bytes, load_jsonl
 
 STRATEGIES = ("per_param", "flat", "bucketed")
@@ -90,6 +91,11 @@ def _assert_passed(verdict: dict, prefix: str, at_least: int = 1) -> None:
 
 def test_float32_and_dropout_match_one_process(checks):
     _assert_passed(checks, "equivalence", at_least=4)
+
+
+def test_every_strategy_is_the_per_parameter_allreduce(checks):
+    """Buckets, overlap and the ring change the messages, not the averaged gradients."""
+    _assert_passed(checks, "per-parameter all-reduce", at_least=7)
 
 
 def test_communication_volume_is_the_theory(checks):
@@ -196,8 +202,8 @@ def self_comm() -> Comm:
 def test_buckets_tile_the_flat_buffer_last_parameter_first(strategy, zero):
     model = tiny_model()
     params = model.parameters()
-    sync = DataParallel(params, self_comm(), strategy=strategy, bucket_mb=1600 / MIB,
-                        zero=zero)
+    sync = make_grad_sync(params, self_comm(), strategy=strategy, bucket_mb=1600 / MIB,
+                          zero=zero)
     assert sync.buckets[0].hi == sync.padded and sync.buckets[-1].lo == 0
     for a, b in zip(sync.buckets[:-1], sync.buckets[1:], strict=True):
         assert a.lo == b.hi, "buckets must be contiguous, from the end of the buffer down"
@@ -213,10 +219,10 @@ def test_buckets_tile_the_flat_buffer_last_parameter_first(strategy, zero):
 def test_grads_are_views_of_one_buffer_kept_across_steps():
     model = tiny_model()
     sync = DataParallel(model.parameters(), self_comm())
-    buffer = sync._grads
+    buffer = sync.flat_grads
     for _ in range(2):
         sync.zero_grad()
-        assert sync._grads is buffer, "zero_grad must zero in place, not reallocate"
+        assert sync.flat_grads is buffer, "zero_grad must zero in place, not reallocate"
         for p, o in zip(sync.params, sync.offsets, strict=True):
             assert np.shares_memory(p.grad, buffer[o:o + p.size])
             assert not p.grad.any()
@@ -245,7 +251,7 @@ def test_bad_arguments_are_named():
     for kwargs, match in (({"strategy": "ring"}, "strategy"), ({"allreduce": "nccl"}, "nccl"),
                           ({"zero": 3}, "zero"), ({"bucket_mb": 0}, "bucket_mb")):
         with pytest.raises(ValueError, match=match):
-            DataParallel(params, self_comm(), **kwargs)
+            make_grad_sync(params, self_comm(), **kwargs)
 
 
 # ---- in-process: dp = 1 changes nothing ----------------------------------------------------------
@@ -293,8 +299,8 @@ def test_one_rank_data_parallel_changes_nothing(strategy, zero, microbatches, al
     ref_norms = train(ref_model, 3, microbatches, None,
                       AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.1))
     model = tiny_model()
-    sync = DataParallel(model.parameters(), self_comm(), strategy=strategy, allreduce=allreduce,
-                        zero=zero, bucket_mb=0.002)
+    sync = make_grad_sync(model.parameters(), self_comm(), strategy=strategy,
+                          allreduce=allreduce, zero=zero, bucket_mb=0.002)
     opt = (ZeroAdamW(model.parameters(), sync, lr=1e-2, weight_decay=0.1) if zero
            else AdamW(model.parameters(), lr=1e-2, weight_decay=0.1))
     norms = train(model, 3, microbatches, sync, opt)
@@ -305,7 +311,7 @@ def test_one_rank_data_parallel_changes_nothing(strategy, zero, microbatches, al
 
 def test_float32_buffers_keep_the_dtype():
     model = tiny_model("float32")
-    sync = DataParallel(model.parameters(), self_comm(), zero=2)
+    sync = make_grad_sync(model.parameters(), self_comm(), zero=2)
     opt = ZeroAdamW(model.parameters(), sync, lr=1e-2, weight_decay=0.1)
     train(model, 1, 1, sync, opt)
     assert sync.grad_shard.dtype == np.float32 and opt.m.dtype == np.float32

@@ -1,8 +1,9 @@
-"""Every Function in mpipar.ops: forward against numpy formulas, gradients by central differences.
+"""Every Function in mpipar.ops and mpipar.fused: forward against numpy, gradients by central
+differences.
 
 The table ``CASES`` lists one or more gradient checks per Function. A Function added to ops.py
-that no case exercises fails ``test_every_function_is_checked``, and each case verifies that
-the Function it claims to check really is in the graph it builds.
+or fused.py that no case exercises fails ``test_every_function_is_checked``, and each case
+verifies that the Function it claims to check really is in the graph it builds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from gradcheck import check_gradients
 
-from mpipar import ops
+from mpipar import fused, ops
 from mpipar.autograd import Function, Tensor
 
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -141,7 +142,7 @@ CASES = [
     Case("log (positive inputs)", ops.Log, lambda x: x.log(),
          {"x": lambda rng: rng.uniform(0.2, 3.0, (2, 3))}, lambda x: np.log(x)),
     Case("tanh", ops.Tanh, lambda x: x.tanh(), {"x": _normal(2, 3)}, lambda x: np.tanh(x)),
-    Case("gelu", ops.Gelu, ops.gelu, {"x": lambda rng: 2.0 * rng.standard_normal((3, 5))},
+    Case("gelu", fused.Gelu, ops.gelu, {"x": lambda rng: 2.0 * rng.standard_normal((3, 5))},
          _np_gelu),
     # -- matrix products ----------------------------------------------------------------------
     Case("matmul 2-D", ops.MatMul, lambda a, b: a @ b,
@@ -152,12 +153,12 @@ CASES = [
          {"a": _normal(2, 1, 3, 4), "b": _normal(3, 4, 5)}, lambda a, b: a @ b),
     Case("matmul 2-D @ batched", ops.MatMul, lambda a, b: a @ b,
          {"a": _normal(3, 4), "b": _normal(2, 4, 5)}, lambda a, b: a @ b),
-    Case("linear 3-D input with bias", ops.Linear, ops.linear,
+    Case("linear 3-D input with bias", fused.Linear, ops.linear,
          {"x": _normal(2, 3, 4), "weight": _normal(5, 4), "bias": _normal(5)},
          lambda x, weight, bias: x @ weight.T + bias),
-    Case("linear 3-D input, no bias", ops.Linear, ops.linear,
+    Case("linear 3-D input, no bias", fused.Linear, ops.linear,
          {"x": _normal(2, 3, 4), "weight": _normal(5, 4)}, lambda x, weight: x @ weight.T),
-    Case("linear 2-D input, frozen x", ops.Linear, ops.linear,
+    Case("linear 2-D input, frozen x", fused.Linear, ops.linear,
          {"x": _normal(3, 4), "weight": _normal(2, 4), "bias": _normal(2)},
          lambda x, weight, bias: x @ weight.T + bias, frozen=("x",)),
     # -- reductions ---------------------------------------------------------------------------
@@ -220,27 +221,27 @@ CASES = [
     Case("dropout with a fixed scaled mask", ops.Dropout, lambda x: ops.dropout(x, DROP_MASK),
          {"x": _normal(3, 5)}, lambda x: x * DROP_MASK),
     # -- fused GPT operations -----------------------------------------------------------------
-    Case("layer_norm x, gamma, beta", ops.LayerNorm, ops.layer_norm,
+    Case("layer_norm x, gamma, beta", fused.LayerNorm, ops.layer_norm,
          {"x": _normal(2, 3, 8), "gamma": _normal(8), "beta": _normal(8)}, _np_layer_norm),
-    Case("layer_norm 2-D, frozen gamma and beta", ops.LayerNorm, ops.layer_norm,
+    Case("layer_norm 2-D, frozen gamma and beta", fused.LayerNorm, ops.layer_norm,
          {"x": _normal(4, 6), "gamma": _normal(6), "beta": _normal(6)}, _np_layer_norm,
          frozen=("gamma", "beta")),
     Case("embedding with repeated ids", ops.Embedding, lambda weight: ops.embedding(weight, IDS),
          {"weight": _normal(7, 3)}, lambda weight: weight[IDS]),
-    Case("cross_entropy (B,T,V)", ops.CrossEntropy,
+    Case("cross_entropy (B,T,V)", fused.CrossEntropy,
          lambda logits: ops.cross_entropy(logits, TARGETS), {"logits": _normal(2, 3, 7)},
          lambda logits: _np_cross_entropy(logits, TARGETS)),
-    Case("cross_entropy (N,V), Tensor targets", ops.CrossEntropy,
+    Case("cross_entropy (N,V), Tensor targets", fused.CrossEntropy,
          lambda logits: ops.cross_entropy(logits, Tensor(np.array([0, 3, 3, 1]))),
          {"logits": lambda rng: 3.0 * rng.standard_normal((4, 5))},
          lambda logits: _np_cross_entropy(logits, np.array([0, 3, 3, 1]))),
-    Case("causal_attention, 2 heads", ops.CausalAttention,
+    Case("causal_attention, 2 heads", fused.CausalAttention,
          lambda qkv: ops.causal_attention(qkv, 2), {"qkv": _normal(2, 4, 18)},
          lambda qkv: _np_attention(qkv, 2)),
-    Case("causal_attention, 3 heads, T=5", ops.CausalAttention,
+    Case("causal_attention, 3 heads, T=5", fused.CausalAttention,
          lambda qkv: ops.causal_attention(qkv, 3), {"qkv": _normal(1, 5, 18)},
          lambda qkv: _np_attention(qkv, 3)),
-    Case("causal_attention with dropout mask", ops.CausalAttention,
+    Case("causal_attention with dropout mask", fused.CausalAttention,
          lambda qkv: ops.causal_attention(qkv, 2, ATT_MASK), {"qkv": _normal(2, 4, 12)},
          lambda qkv: _np_attention(qkv, 2, ATT_MASK)),
 ]
@@ -286,14 +287,15 @@ def test_op_forward_and_gradients(case: Case):
 
 
 def test_every_function_is_checked():
-    """A Function added to ops.py without a row in CASES fails here."""
-    defined = {cls for _, cls in inspect.getmembers(ops, inspect.isclass)
+    """A Function added to ops.py or fused.py without a row in CASES fails here."""
+    defined = {cls for module in (ops, fused)
+               for _, cls in inspect.getmembers(module, inspect.isclass)
                if issubclass(cls, Function) and cls is not Function
-               and cls.__module__ == ops.__name__}
+               and cls.__module__ == module.__name__}
     covered = {c.op for c in CASES}
-    missing = sorted(cls.__name__ for cls in defined - covered)
-    assert not missing, f"Functions in mpipar.ops without a gradient check: {missing}"
-    assert len(defined) >= 25  # the discovery itself works (ops.py has 25 Functions today)
+    missing = sorted(f"{cls.__module__}.{cls.__name__}" for cls in defined - covered)
+    assert not missing, f"Functions without a gradient check: {missing}"
+    assert len(defined) >= 25  # the discovery itself works (ops.py and fused.py have 25 today)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from mpipar.comm import MPI, Comm
 from mpipar.nn import Init, Parameter
 from mpipar.optim import AdamW, clip_grad_norm, grad_norm_sq
 from mpipar.parallel.data_parallel import DataParallel
-from mpipar.parallel.zero import ZeroAdamW, format_memory_report, memory_report
+from mpipar.parallel.zero import ZeroAdamW, ZeroGradients, format_memory_report, memory_report
 
 
 def make_params(seed: int = 0) -> list[Parameter]:
@@ -31,7 +31,8 @@ def make_params(seed: int = 0) -> list[Parameter]:
 
 
 def fill_grads(params: list[Parameter], seed: int) -> None:
-    """Write random gradients in place (into DataParallel's flat buffer when it owns them)."""
+    """Write random gradients in place (into the flat buffer of ZeroGradients when it owns
+    them)."""
     rng = np.random.default_rng(100 + seed)
     for p in params:
         g = rng.standard_normal(p.shape)
@@ -43,7 +44,7 @@ def fill_grads(params: list[Parameter], seed: int) -> None:
 
 def zero_pair(zero: int, allreduce: str = "mpi") -> tuple[list[Parameter], ZeroAdamW]:
     params = make_params()
-    sync = DataParallel(params, Comm(MPI.COMM_SELF, "dp"), zero=zero, allreduce=allreduce)
+    sync = ZeroGradients(params, Comm(MPI.COMM_SELF, "dp"), zero=zero, allreduce=allreduce)
     return params, ZeroAdamW(params, sync, lr=0.1, weight_decay=0.1)
 
 
@@ -86,7 +87,7 @@ def test_weight_decay_coefficients_follow_adamw():
     lam = np.asarray(opt.decay)
     np.testing.assert_array_equal(lam[:12], 0.1)  # the (4, 3) matrix decays
     np.testing.assert_array_equal(lam[12:], 0.0)  # bias and gain do not (nor padding)
-    no_decay = ZeroAdamW(params, DataParallel(params, Comm(MPI.COMM_SELF, "dp"), zero=1),
+    no_decay = ZeroAdamW(params, ZeroGradients(params, Comm(MPI.COMM_SELF, "dp"), zero=1),
                          lr=0.1, weight_decay=0.0)
     assert no_decay.decay == 0.0
 
@@ -148,10 +149,11 @@ def test_memory_report_on_one_rank_equals_baseline():
     assert memory_report(adamw, None, plain)["optimizer_state_bytes"] == 320
 
 
-def test_needs_a_zero_data_parallel_of_the_same_parameters():
+def test_needs_the_zero_gradients_of_the_same_parameters():
     params = make_params()
     comm = Comm(MPI.COMM_SELF, "dp")
     with pytest.raises(ValueError, match="zero=1 or 2"):
         ZeroAdamW(params, DataParallel(params, comm), lr=0.1, weight_decay=0.0)
     with pytest.raises(ValueError, match="same parameters"):
-        ZeroAdamW(make_params(), DataParallel(params, comm, zero=1), lr=0.1, weight_decay=0.0)
+        ZeroAdamW(make_params(), ZeroGradients(params, comm, zero=1), lr=0.1,
+                  weight_decay=0.0)

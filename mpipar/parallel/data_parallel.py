@@ -9,10 +9,12 @@ r computes the mean over its shard, L_r = (dp/B) Σ_{b∈S_r} ℓ_b, and its gra
 
 because differentiation is linear and the shards partition the batch. So an all-reduce (sum)
 of the gradients followed by a division by dp gives every rank the big-batch gradient, and
-replicas that start identical stay identical.
+replicas that start identical stay identical. :func:`allreduce_gradients` is exactly that, one
+all-reduce per parameter after backward.
 
 :class:`DataParallel` wraps the parameters (like PyTorch's ``DistributedDataParallel``) and
-offers three ways of doing that all-reduce, which a student can switch between and compare:
+computes the same average with fewer, larger messages. It offers three ways of doing the
+all-reduce, which a student can switch between and compare:
 
 * ``per_param``: one all-reduce per parameter (many small messages: latency-bound);
 * ``flat``: every gradient lives in one flat buffer and one all-reduce moves it all;
@@ -25,9 +27,9 @@ All three share the flat buffer: ``p.grad`` is a view into it, so the autograd e
 ``p.grad += g`` accumulates straight into the memory that is communicated, and gradient
 accumulation over microbatches costs no copy and no communication until the last microbatch.
 
-With ZeRO (``zero >= 1``, see :mod:`mpipar.parallel.zero`) the all-reduce becomes a
-reduce-scatter: each rank keeps only the averaged gradients of the 1/dp slice of the flat
-buffer whose optimizer state it owns.
+ZeRO (:mod:`mpipar.parallel.zero`) builds on this class: its ``ZeroGradients`` keeps the flat
+buffer and replaces the all-reduce by a reduce-scatter, so each rank keeps only the averaged
+gradients of the 1/dp slice whose optimizer state it owns.
 
 MPI progress. MPICH advances a non-blocking collective only while the process is inside an MPI
 call. Between two gradient hooks the process computes in numpy and the collective sits still.
@@ -44,13 +46,29 @@ from dataclasses import dataclass, field
 from mpipar.backend import array_module
 from mpipar.comm import Comm, Request, wait_all
 from mpipar.nn import Parameter, unique_parameters
-from mpipar.parallel.ring import chunk_bounds, ring_allreduce, ring_reduce_scatter
+from mpipar.parallel.ring import ring_allreduce
 
 STRATEGIES = ("per_param", "flat", "bucketed")
 ALLREDUCES = ("mpi", "ring")
 MIB = 2**20
 
 
+def allreduce_gradients(params: Iterable[Parameter], comm: Comm) -> None:
+    """Average every ``p.grad`` over the ranks of ``comm``: data parallelism at its simplest.
+
+    One blocking all-reduce (a sum over the dp ranks) per parameter, then a division by dp, so
+    that every rank ends with (1/dp) Σ_r ∇L_r = ∇L. :class:`DataParallel` computes the same
+    average from a flat buffer, in buckets, during backward.
+    """
+    scale = 1.0 / comm.size
+    for p in params:
+        comm.allreduce(p.grad)  # in place: Σ over ranks
+        p.grad *= scale
+
+
+# ---------------------------------------------------------------------------------------------
+# Buckets
+# ---------------------------------------------------------------------------------------------
 @dataclass
 class Bucket:
     """Gradients reduced by one call: the contiguous range ``[lo, hi)`` of the flat buffer.
@@ -96,12 +114,37 @@ def assign_buckets(sizes: list[int], cap: float) -> list[list[int]]:
     return buckets
 
 
+def check_options(strategy: str, allreduce: str, bucket_mb: float) -> None:
+    """Refuse unknown strategies and all-reduces, and a bucket size that is not positive."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown data-parallel strategy {strategy!r}; "
+                         f"expected one of {STRATEGIES}")
+    if allreduce not in ALLREDUCES:
+        raise ValueError(f"unknown all-reduce {allreduce!r}; expected one of {ALLREDUCES}")
+    if not bucket_mb > 0:
+        raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
+
+
+def flat_parameters(params: Iterable[Parameter]) -> list[Parameter]:
+    """The distinct parameters in model order; they must exist and share one dtype."""
+    params = unique_parameters(params)
+    if not params:
+        raise ValueError("DataParallel got no parameters")
+    dtypes = {str(p.dtype) for p in params}
+    if len(dtypes) != 1:
+        raise ValueError(f"DataParallel needs parameters of one dtype, got {sorted(dtypes)}")
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# DataParallel
+# ---------------------------------------------------------------------------------------------
 class DataParallel:
-    """Averages gradients over a data-parallel group; see the module docstring.
+    """Averages gradients over a data-parallel group by all-reduce; see the module docstring.
 
     Args:
         params: this rank's parameters (whole tensors or tensor-parallel shards, all of one
-            dtype); their ``.grad`` become views into one flat buffer.
+            dtype); their ``.grad`` become views into one flat buffer, :attr:`flat_grads`.
         comm: the data-parallel group.
         strategy: ``"per_param"``, ``"flat"`` or ``"bucketed"``.
         bucket_mb: bucket size in MiB for ``"bucketed"``.
@@ -111,69 +154,34 @@ class DataParallel:
         allreduce: ``"mpi"`` (MPI's ``Allreduce``/``Iallreduce``) or ``"ring"``
             (:func:`~mpipar.parallel.ring.ring_allreduce`, built of blocking ``Sendrecv``, so
             it always runs in :meth:`finish`, bucket after bucket).
-        zero: 0 all-reduces; 1 and 2 reduce-scatter instead (each rank keeps its 1/dp shard
-            of the averaged gradient in :attr:`grad_shard`: with 1 a view into the flat
-            buffer, which stays allocated; with 2 a buffer of its own, and the full flat
-            buffer is freed after the reduce-scatter, so only the shard stays between steps).
         progress: poll in-flight requests from every gradient hook (see module docstring).
 
     Per step: :meth:`zero_grad`; for each microbatch ``set_sync(last)``, forward, backward;
     then :meth:`finish`.
     """
 
+    zero = 0  # the ZeRO stage: gradients are replicated, not sharded
+
     def __init__(self, params: Iterable[Parameter], comm: Comm, *, strategy: str = "bucketed",
                  bucket_mb: float = 1.0, overlap: bool = True, allreduce: str = "mpi",
-                 zero: int = 0, progress: bool = True) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown data-parallel strategy {strategy!r}; "
-                             f"expected one of {STRATEGIES}")
-        if allreduce not in ALLREDUCES:
-            raise ValueError(f"unknown all-reduce {allreduce!r}; expected one of {ALLREDUCES}")
-        if zero not in (0, 1, 2):
-            raise ValueError(f"zero must be 0, 1 or 2, got {zero}")
-        if not bucket_mb > 0:
-            raise ValueError(f"bucket_mb must be positive, got {bucket_mb}")
-        self.params = unique_parameters(params)
-        if not self.params:
-            raise ValueError("DataParallel got no parameters")
-        dtypes = {str(p.dtype) for p in self.params}
-        if len(dtypes) != 1:
-            raise ValueError(f"DataParallel needs parameters of one dtype, got {sorted(dtypes)}")
+                 progress: bool = True) -> None:
+        check_options(strategy, allreduce, bucket_mb)
+        self.params = flat_parameters(params)
         self.comm, self.dp = comm, comm.size
-        self.strategy, self.allreduce, self.zero = strategy, allreduce, zero
+        self.strategy, self.allreduce = strategy, allreduce
         self.bucket_mb = float(bucket_mb)
         self.progress = progress
         # Hooks can only start work MPI runs in the background: a non-blocking all-reduce.
-        self.overlap = overlap and allreduce == "mpi" and zero == 0
+        self.overlap = overlap and allreduce == "mpi"
         self.xp = array_module(self.params[0].data)
         self.dtype = self.params[0].dtype
-
-        # Flat layout, in model order: parameter i occupies [offsets[i], offsets[i] + size_i).
-        self.offsets: list[int] = []
-        total = 0
-        for p in self.params:
-            self.offsets.append(total)
-            total += p.size
-        self.numel = total
-        # ZeRO cuts the buffer into dp equal shards; zero padding at the end makes it divide.
-        self.padded = -(-total // self.dp) * self.dp if zero else total
-        self.shard_bounds = chunk_bounds(self.padded, self.dp)
-        # The shard a rank owns: block `rank` of MPI's reduce-scatter; the ring's
-        # reduce-scatter leaves rank r holding chunk (r + 1) % n instead (see ring.py).
-        self.owned_chunk = (comm.rank + 1) % self.dp if allreduce == "ring" else comm.rank
-        self.shard_lo, self.shard_hi = self.shard_bounds[self.owned_chunk]
+        self.lay_out()
 
         self.buckets = self._make_buckets()
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._inflight: list[Bucket] = []
         self._sync = True
-        self._grads = None  # the flat gradient buffer, (padded,)
-        self._views: list = []
-        # ZeRO: the averaged gradient of the owned shard, (padded / dp,). ZeRO-1 keeps the
-        # flat buffer anyway, so the shard is a view into it; ZeRO-2 gives it its own memory.
-        self.grad_shard = None
-        if zero == 2:
-            self.grad_shard = self.xp.zeros(self.shard_hi - self.shard_lo, dtype=self.dtype)
+        self.allocate_grads()
 
         self.broadcast_parameters()
         if self.overlap:
@@ -185,13 +193,25 @@ class DataParallel:
     def grad_replicas(self) -> int:
         """How many ranks of the group hold each averaged gradient element after `finish`.
 
-        dp when gradients are all-reduced (every replica holds all of them), 1 when ZeRO
-        reduce-scatters them (each element lives in one rank's shard). A sum over the group
-        of per-rank Σg² divided by this counts every element once.
+        dp: every replica holds all of them. A sum over the group of per-rank Σg² divided by
+        this counts every element once.
         """
-        return 1 if self.zero else self.dp
+        return self.dp
 
     # -- set-up ------------------------------------------------------------------------------
+    def lay_out(self) -> None:
+        """The flat layout, in model order: parameter i occupies [offsets[i], offsets[i] + size_i).
+
+        ``numel`` is Ψ, the number of elements of all parameters; ``padded`` the length of the
+        flat buffer (Ψ here; ZeRO pads it to a multiple of dp).
+        """
+        self.offsets: list[int] = []
+        total = 0
+        for p in self.params:
+            self.offsets.append(total)
+            total += p.size
+        self.numel = self.padded = total
+
     def _make_buckets(self) -> list[Bucket]:
         cap = {"per_param": 0.0, "flat": float("inf"),
                "bucketed": self.bucket_mb * MIB}[self.strategy]
@@ -202,9 +222,15 @@ class DataParallel:
             lo = self.offsets[idx[-1]]  # the group's first parameter in model order
             hi = self.offsets[idx[0]] + self.params[idx[0]].size
             if idx[0] == len(self.params) - 1:
-                hi = self.padded  # the bucket holding the last parameter carries the padding
+                hi = self.padded  # the bucket holding the last parameter carries any padding
             buckets.append(Bucket(k, lo, hi, [self.params[i] for i in idx]))
         return buckets
+
+    def allocate_grads(self) -> None:
+        """Allocate the flat gradient buffer, (padded,), and each parameter's view into it."""
+        self.flat_grads = self.xp.empty(self.padded, dtype=self.dtype)
+        self._views = [self.flat_grads[o:o + p.size].reshape(p.shape)
+                       for p, o in zip(self.params, self.offsets, strict=True)]
 
     def broadcast_parameters(self) -> None:
         """Make every replica start from dp rank 0's values (one flat broadcast).
@@ -220,39 +246,16 @@ class DataParallel:
         for p, o in zip(self.params, self.offsets, strict=True):
             p.data[...] = flat[o:o + p.size].reshape(p.shape)
 
-    def segments(self, lo: int, hi: int) -> list[tuple[Parameter, int, int, int, int]]:
-        """The parameters overlapping flat range ``[lo, hi)``, as ``(p, p_lo, p_hi, s_lo, s_hi)``.
-
-        Elements ``p_lo:p_hi`` of ``p`` flattened sit at ``s_lo:s_hi`` relative to ``lo``.
-        Padding is part of no parameter, so it appears in no segment.
-        """
-        out = []
-        for p, o in zip(self.params, self.offsets, strict=True):
-            a, b = max(lo, o), min(hi, o + p.size)
-            if a < b:
-                out.append((p, a - o, b - o, a - lo, b - lo))
-        return out
-
     # -- the step ----------------------------------------------------------------------------
     def zero_grad(self) -> None:
         """Zero the flat gradient buffer in place and point every ``p.grad`` into it."""
         if self._inflight:
             raise RuntimeError("zero_grad() while gradient all-reduces are in flight; "
                                "call finish() first")
-        if self._grads is None:  # first step, or ZeRO-2 freed it after the last one
-            self._grads = self.xp.zeros(self.padded, dtype=self.dtype)
-            self._views = [self._grads[o:o + p.size].reshape(p.shape)
-                           for p, o in zip(self.params, self.offsets, strict=True)]
-            if self.zero == 1:
-                self.grad_shard = self._grads[self.shard_lo:self.shard_hi]
-        else:
-            self._grads.fill(0)
+        self.flat_grads.fill(0)
         for p, view in zip(self.params, self._views, strict=True):
             p.grad = view  # the engine accumulates into it: p.grad += g
         self._sync = True
-        self._reset_buckets()
-
-    def _reset_buckets(self) -> None:
         for b in self.buckets:
             b.pending, b.launched, b.request = len(b.params), False, None
 
@@ -285,7 +288,7 @@ class DataParallel:
             self.poll()
 
     def _launch(self, b: Bucket) -> None:
-        b.request = self.comm.iallreduce(self._grads[b.lo:b.hi])
+        b.request = self.comm.iallreduce(self.flat_grads[b.lo:b.hi])
         b.launched = True
         self._inflight.append(b)
 
@@ -296,26 +299,11 @@ class DataParallel:
                 b.request.test()
 
     def finish(self) -> None:
-        """Complete the step's gradient communication; gradients end averaged (∑/dp).
-
-        Without ZeRO every ``p.grad`` holds the dp average. With ZeRO :attr:`grad_shard`
-        holds the average over the owned shard.
-        """
-        if self._grads is None:
-            raise RuntimeError("finish() without gradients: call zero_grad() before backward")
-        scale = 1.0 / self.dp
-        if self.zero:
-            self._reduce_scatter()
-            self.grad_shard *= scale
-            if self.zero == 2:  # only the owned shard survives until the next zero_grad()
-                self._grads, self._views = None, []
-                for p in self.params:
-                    p.grad = None
-            return
+        """Complete the step's all-reduces; every ``p.grad`` ends holding the dp average."""
         for b in self.buckets:
             if b.launched:
                 continue
-            view = self._grads[b.lo:b.hi]  # (numel of the bucket,), contiguous
+            view = self.flat_grads[b.lo:b.hi]  # (numel of the bucket,), contiguous
             if self.allreduce == "ring":
                 ring_allreduce(self.comm, view)
             elif self.overlap:  # e.g. a pipeline kept sync off: start them all, wait below
@@ -325,37 +313,9 @@ class DataParallel:
             b.launched = True
         wait_all([b.request for b in self._inflight])
         self._inflight.clear()
-        self._grads *= scale
-
-    def _reduce_scatter(self) -> None:
-        """ZeRO: sum the flat buffer over dp, keeping only the owned shard of the sum.
-
-        The ring reduces in place, leaving the sum in the owned slice of the flat buffer.
-        MPI's reduce-scatter needs a receive buffer apart from the send buffer: ZeRO-2's
-        shard, or for ZeRO-1 a temporary copied back into the owned slice.
-        """
-        n = self.shard_hi - self.shard_lo
-        if self.allreduce == "ring":
-            tmp = self.xp.empty(n, dtype=self.dtype)  # one chunk, the receive buffer
-            done = ring_reduce_scatter(self.comm, self._grads, self.shard_bounds, tmp)
-            assert done == self.owned_chunk
-            if self.zero == 2:  # keep a copy: the flat buffer is about to be freed
-                self.grad_shard[...] = self._grads[self.shard_lo:self.shard_hi]
-        elif self.zero == 2:
-            self.comm.reduce_scatter(self._grads, self.grad_shard)
-        else:
-            tmp = self.xp.empty(n, dtype=self.dtype)
-            self.comm.reduce_scatter(self._grads, tmp)
-            self.grad_shard[...] = tmp  # the owned slice of the flat buffer
+        self.flat_grads *= 1.0 / self.dp
 
     # -- bookkeeping -------------------------------------------------------------------------
     def grad_bytes(self) -> int:
-        """Bytes of gradient storage this rank keeps between steps.
-
-        zero 0 and 1: the flat buffer (ZeRO-1's shard is a slice of it). zero 2: the shard
-        only; the full buffer exists only between :meth:`zero_grad` and :meth:`finish`.
-        """
-        item = self.dtype.itemsize
-        if self.zero == 2:
-            return (self.shard_hi - self.shard_lo) * item
-        return self.padded * item
+        """Bytes of gradient storage this rank keeps between steps: the flat buffer."""
+        return self.padded * self.dtype.itemsize

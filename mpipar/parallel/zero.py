@@ -22,16 +22,20 @@ Steps 1 and 3 together move exactly the bytes of one all-reduce: ZeRO-1/2 cost n
 communication. With ``--allreduce ring`` they are literally the two halves of the ring
 all-reduce (:mod:`mpipar.parallel.ring`) with the optimizer step in between.
 
-The flat parameter space is the layout of :class:`~mpipar.parallel.data_parallel.DataParallel`
-(parameters in model order, zero padding at the end so that dp divides it); each rank owns a
-contiguous 1/dp of it, which cuts through parameters wherever it falls. Weight decay is
-therefore a per-element coefficient array over the shard (λ on elements of matrices and
-embeddings, 0 on biases and LayerNorm gains), the convention of :class:`mpipar.optim.AdamW`.
-The parameters' ``.data`` become views into one flat buffer, so the all-gather writes
-straight into the model.
+:class:`ZeroGradients` does step 1. It is a :class:`~mpipar.parallel.data_parallel.DataParallel`
+(parameters in model order in one flat gradient buffer, accumulated into during backward) whose
+buffer is padded with zeros at the end so that dp divides it, and whose :meth:`finish`
+reduce-scatters instead of all-reducing. Each rank owns a contiguous 1/dp of the flat space,
+which cuts through parameters wherever it falls. ZeRO-1 keeps the whole flat buffer between
+steps (its shard is a view into it); ZeRO-2 copies the shard out and frees the buffer, so that
+only 4Ψ/dp bytes of gradients outlive the step.
 
-Checkpoints stay layout-independent: :meth:`ZeroAdamW.state_dict` gathers the shards and
-returns exactly the keys and shapes of ``AdamW.state_dict()``.
+:class:`ZeroAdamW` does steps 2 and 3. Weight decay is a per-element coefficient array over the
+shard (λ on elements of matrices and embeddings, 0 on biases and LayerNorm gains), the
+convention of :class:`mpipar.optim.AdamW`. The parameters' ``.data`` become views into one flat
+buffer, so the all-gather writes straight into the model. Checkpoints stay layout-independent:
+:meth:`ZeroAdamW.state_dict` gathers the shards and returns exactly the keys and shapes of
+``AdamW.state_dict()``.
 """
 
 from __future__ import annotations
@@ -43,33 +47,164 @@ from typing import Any
 import numpy as np
 
 from mpipar.backend import to_numpy
+from mpipar.comm import Comm
 from mpipar.nn import Parameter, unique_parameters
-from mpipar.optim import _load_into, adamw_update, decay_mask
+from mpipar.optim import AdamW, adamw_update, decay_mask
 from mpipar.parallel.data_parallel import DataParallel
-from mpipar.parallel.ring import ring_allgather
+from mpipar.parallel.ring import chunk_bounds, ring_allgather, ring_reduce_scatter
 from mpipar.trace import human_bytes
+
+
+def owned_chunk(rank: int, n: int, allreduce: str) -> int:
+    """The chunk of the flat buffer (of n) that ``rank`` owns after the reduce-scatter.
+
+    MPI's reduce-scatter leaves block r on rank r; the ring's leaves rank r holding chunk
+    (r + 1) % n, the chunk its last hop completed (see :mod:`mpipar.parallel.ring`).
+    """
+    return (rank + 1) % n if allreduce == "ring" else rank
+
+
+class ZeroGradients(DataParallel):
+    """DataParallel whose :meth:`finish` reduce-scatters: each rank keeps its averaged shard.
+
+    Takes the arguments of :class:`DataParallel` but ``overlap`` and ``progress`` (the
+    reduce-scatter runs in :meth:`finish`, after backward), plus ``zero``: 1 or 2. After
+    :meth:`finish` this rank's 1/dp of the averaged gradient is in :attr:`grad_shard`, flat
+    positions ``[shard_lo, shard_hi)``: with 1 a view into the flat buffer, which stays
+    allocated; with 2 a buffer of its own, and the full flat buffer is freed after the
+    reduce-scatter, so only the shard stays between steps.
+    """
+
+    def __init__(self, params: Iterable[Parameter], comm: Comm, *, zero: int,
+                 strategy: str = "bucketed", bucket_mb: float = 1.0,
+                 allreduce: str = "mpi") -> None:
+        if zero not in (1, 2):
+            raise ValueError(f"zero must be 1 or 2 for sharded gradients, got {zero}")
+        self.zero = zero
+        super().__init__(params, comm, strategy=strategy, bucket_mb=bucket_mb, overlap=False,
+                         allreduce=allreduce)
+
+    @property
+    def grad_replicas(self) -> int:
+        """1: after :meth:`finish` each averaged gradient element lives in one rank's shard."""
+        return 1
+
+    def lay_out(self) -> None:
+        """DataParallel's layout, padded with zeros to dp equal shards; this rank's shard."""
+        super().lay_out()
+        self.padded = -(-self.numel // self.dp) * self.dp
+        self.shard_bounds = chunk_bounds(self.padded, self.dp)
+        self.owned_chunk = owned_chunk(self.comm.rank, self.dp, self.allreduce)
+        self.shard_lo, self.shard_hi = self.shard_bounds[self.owned_chunk]
+        # The averaged gradient of the owned shard, (padded / dp,). ZeRO-1 keeps the flat
+        # buffer anyway, so the shard is a view into it; ZeRO-2 gives it its own memory.
+        self.grad_shard = None
+        if self.zero == 2:
+            self.grad_shard = self.xp.zeros(self.shard_hi - self.shard_lo, dtype=self.dtype)
+
+    def allocate_grads(self) -> None:
+        """DataParallel's flat buffer; ZeRO-1's :attr:`grad_shard` is the owned slice of it."""
+        super().allocate_grads()
+        if self.zero == 1:
+            self.grad_shard = self.flat_grads[self.shard_lo:self.shard_hi]
+
+    def segments(self, lo: int, hi: int) -> list[tuple[Parameter, int, int, int, int]]:
+        """The parameters overlapping flat range ``[lo, hi)``, as ``(p, p_lo, p_hi, s_lo, s_hi)``.
+
+        Elements ``p_lo:p_hi`` of ``p`` flattened sit at ``s_lo:s_hi`` relative to ``lo``.
+        Padding is part of no parameter, so it appears in no segment.
+        """
+        out = []
+        for p, o in zip(self.params, self.offsets, strict=True):
+            a, b = max(lo, o), min(hi, o + p.size)
+            if a < b:
+                out.append((p, a - o, b - o, a - lo, b - lo))
+        return out
+
+    def zero_grad(self) -> None:
+        """As DataParallel's, first allocating the flat buffer again if ZeRO-2 freed it."""
+        if self.flat_grads is None:
+            self.allocate_grads()
+        super().zero_grad()
+
+    def finish(self) -> None:
+        """Reduce-scatter; :attr:`grad_shard` ends holding the dp average over the owned shard."""
+        if self.flat_grads is None:
+            raise RuntimeError("finish() without gradients: call zero_grad() before backward")
+        self._reduce_scatter()
+        self.grad_shard *= 1.0 / self.dp
+        if self.zero == 2:  # only the owned shard survives until the next zero_grad()
+            self.flat_grads, self._views = None, []
+            for p in self.params:
+                p.grad = None
+
+    def _reduce_scatter(self) -> None:
+        """Sum the flat buffer over dp, keeping only the owned shard of the sum.
+
+        The ring reduces in place, leaving the sum in the owned slice of the flat buffer.
+        MPI's reduce-scatter needs a receive buffer apart from the send buffer: ZeRO-2's
+        shard, or for ZeRO-1 a temporary copied back into the owned slice.
+        """
+        n = self.shard_hi - self.shard_lo
+        if self.allreduce == "ring":
+            tmp = self.xp.empty(n, dtype=self.dtype)  # one chunk, the receive buffer
+            done = ring_reduce_scatter(self.comm, self.flat_grads, self.shard_bounds, tmp)
+            assert done == self.owned_chunk
+            if self.zero == 2:  # keep a copy: the flat buffer is about to be freed
+                self.grad_shard[...] = self.flat_grads[self.shard_lo:self.shard_hi]
+        elif self.zero == 2:
+            self.comm.reduce_scatter(self.flat_grads, self.grad_shard)
+        else:
+            tmp = self.xp.empty(n, dtype=self.dtype)
+            self.comm.reduce_scatter(self.flat_grads, tmp)
+            self.grad_shard[...] = tmp  # the owned slice of the flat buffer
+
+    def grad_bytes(self) -> int:
+        """Bytes of gradient storage this rank keeps between steps.
+
+        ZeRO-1: the flat buffer (its shard is a slice of it). ZeRO-2: the shard only; the full
+        buffer exists only between :meth:`zero_grad` and :meth:`finish`.
+        """
+        if self.zero == 2:
+            return (self.shard_hi - self.shard_lo) * self.dtype.itemsize
+        return super().grad_bytes()
+
+
+def make_grad_sync(params: Iterable[Parameter], comm: Comm, *, zero: int = 0,
+                   strategy: str = "bucketed", bucket_mb: float = 1.0, overlap: bool = True,
+                   allreduce: str = "mpi") -> DataParallel:
+    """The gradient synchronisation of a ZeRO stage: all-reduce for 0, sharded for 1 and 2.
+
+    ZeRO's reduce-scatter runs in :meth:`ZeroGradients.finish`, after backward, so ``overlap``
+    applies to stage 0 only.
+    """
+    if zero == 0:
+        return DataParallel(params, comm, strategy=strategy, bucket_mb=bucket_mb,
+                            overlap=overlap, allreduce=allreduce)
+    return ZeroGradients(params, comm, zero=zero, strategy=strategy, bucket_mb=bucket_mb,
+                         allreduce=allreduce)
 
 
 class ZeroAdamW:
     """AdamW whose moments (ZeRO-1), and gradients (ZeRO-2), are sharded over dp.
 
-    ``grad_sync`` is the :class:`DataParallel` of the same parameters, built with
-    ``zero=1`` or ``zero=2``; its :meth:`~DataParallel.finish` leaves this rank's averaged
-    gradient shard in ``grad_sync.grad_shard``. The interface is that of
-    :class:`mpipar.optim.AdamW` plus what the training loop needs for a sharded gradient:
-    :meth:`grad_norm_sq` and :meth:`clip`.
+    ``grad_sync`` is the :class:`ZeroGradients` of the same parameters; its
+    :meth:`~ZeroGradients.finish` leaves this rank's averaged gradient shard in
+    ``grad_sync.grad_shard``. The interface is that of :class:`mpipar.optim.AdamW` plus what
+    the training loop needs for a sharded gradient: :meth:`grad_norm_sq` and :meth:`clip`.
     """
 
-    def __init__(self, params: Iterable[Parameter], grad_sync: DataParallel, lr: float,
+    def __init__(self, params: Iterable[Parameter], grad_sync: ZeroGradients, lr: float,
                  weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8) -> None:
         params = unique_parameters(params)
-        if grad_sync.zero not in (1, 2):
-            raise ValueError(f"ZeroAdamW needs a DataParallel built with zero=1 or 2, "
-                             f"got zero={grad_sync.zero}")
+        if not isinstance(grad_sync, ZeroGradients):
+            raise ValueError(f"ZeroAdamW needs the ZeroGradients (zero=1 or 2) of its "
+                             f"parameters, got a {type(grad_sync).__name__} with "
+                             f"zero={grad_sync.zero}")
         if [id(p) for p in params] != [id(p) for p in grad_sync.params]:
             raise ValueError("ZeroAdamW must get the same parameters, in the same order, as "
-                             "its DataParallel")
+                             "its ZeroGradients")
         self.params, self.sync, self.comm = params, grad_sync, grad_sync.comm
         self.lr, self.weight_decay, self.eps = float(lr), float(weight_decay), float(eps)
         self.beta1, self.beta2 = (float(b) for b in betas)
@@ -77,7 +212,7 @@ class ZeroAdamW:
         xp, dtype = grad_sync.xp, grad_sync.dtype
         self.xp, self.dtype = xp, dtype
 
-        # Flat parameters (padded,), in DataParallel's layout; every p.data becomes a view.
+        # Flat parameters (padded,), in the gradients' layout; every p.data becomes a view.
         self.flat_params = xp.zeros(grad_sync.padded, dtype=dtype)
         for p, o in zip(params, grad_sync.offsets, strict=True):
             self.flat_params[o:o + p.size] = p.data.reshape(-1)
@@ -119,7 +254,7 @@ class ZeroAdamW:
             ring_allgather(self.comm, self.flat_params, bounds, tmp)
 
     def zero_grad(self) -> None:
-        """Zero the gradient buffer (delegated to the DataParallel that owns it)."""
+        """Zero the gradient buffer (delegated to the ZeroGradients that owns it)."""
         self.sync.zero_grad()
 
     def grad_norm_sq(self, owned: Callable[[Parameter], bool]) -> float:
@@ -154,7 +289,7 @@ class ZeroAdamW:
         n, bounds = self.comm.size, self.sync.shard_bounds
         width = bounds[0][1] - bounds[0][0]
         for r in range(n):  # ... which is chunk r (MPI) or chunk (r + 1) % n (ring)
-            lo, hi = bounds[(r + 1) % n if self.sync.allreduce == "ring" else r]
+            lo, hi = bounds[owned_chunk(r, n, self.sync.allreduce)]
             full[lo:hi] = gathered[r * width:(r + 1) * width]
         return full
 
@@ -173,20 +308,16 @@ class ZeroAdamW:
     def load_state_dict(self, d: Mapping[str, np.ndarray]) -> None:
         """Restore from full per-parameter state (``AdamW`` format); keep the owned slice.
 
-        Keys and shapes are checked as ``AdamW.load_state_dict`` checks them. No communication.
+        The state is loaded into a plain :class:`~mpipar.optim.AdamW` of the same parameters
+        first, which checks keys and shapes and holds the full moments (2Ψ elements) for the
+        duration of this call. No communication.
         """
-        live: dict[str, Any] = {}
-        host_dtype = np.dtype(str(self.dtype))
-        for p in self.params:
-            live[f"adamw.m.{p.name}"] = np.zeros(p.shape, dtype=host_dtype)
-            live[f"adamw.v.{p.name}"] = np.zeros(p.shape, dtype=host_dtype)
-        live["adamw.step"] = np.zeros((), dtype=np.int64)
-        _load_into(live, d, "ZeroAdamW")
+        full = AdamW(self.params, lr=self.lr)
+        full.load_state_dict(d)
         for p, p_lo, p_hi, s_lo, s_hi in self.segments:
-            for key, shard in (("m", self.m), ("v", self.v)):
-                full = live[f"adamw.{key}.{p.name}"].reshape(-1)  # (p.size,)
-                shard[s_lo:s_hi] = self.xp.asarray(full[p_lo:p_hi])
-        self.step_count = int(live["adamw.step"])
+            for moments, shard in ((full.m, self.m), (full.v, self.v)):
+                shard[s_lo:s_hi] = moments[p.name].reshape(-1)[p_lo:p_hi]  # of (p.size,)
+        self.step_count = full.step_count
 
     # -- memory ------------------------------------------------------------------------------
     def memory_report(self) -> dict[str, int]:

@@ -4,6 +4,8 @@ With dp = N (the whole world) this checks, in one launch:
 
 * serial equivalence in float32 (relative 1e-5) and with dropout on (float64, 1e-10), for
   layouts the float64 matrix of ``equivalence.py`` cannot express (its model is fixed);
+* every strategy, with and without overlap, and the ring compute exactly what the simplest
+  data parallelism computes, one all-reduce per parameter (``allreduce_gradients``);
 * communication volume read back from the trace, against the arithmetic of
   ``tutorials/02_data_parallel.md``: calls per step for each strategy, bytes per step (each
   gradient element once for MPI's all-reduce, 2(n−1)/n of the buffer for the ring, the
@@ -30,8 +32,9 @@ from mpipar.comm import Comm, install_excepthook
 from mpipar.data import CharTokenizer, make_dataset
 from mpipar.grid import ProcessGrid
 from mpipar.model import GPTConfig
+from mpipar.nn import Init, Parameter
 from mpipar.optim import AdamW
-from mpipar.parallel.data_parallel import MIB, assign_buckets
+from mpipar.parallel.data_parallel import MIB, DataParallel, allreduce_gradients, assign_buckets
 from mpipar.parallel.zero import ZeroAdamW, memory_report
 from mpipar.trace import COMPUTE, Tracer
 from mpipar.training import TrainConfig, Trainer
@@ -183,7 +186,7 @@ def communication(checks: Checks, world: Comm) -> None:
                             assert [r.op for r in half] == ["sendrecv"] * (n - 1), half
                             assert sum(r.nbytes for r in half) == (n - 1) * padded // n * item
                 if zero == 2:
-                    assert sync._grads is None and all(p.grad is None for p in trainer.params)
+                    assert sync.flat_grads is None and all(p.grad is None for p in trainer.params)
 
     with checks.check("broadcast at start"):
         recs = [r for r in records if r.op == "broadcast"]
@@ -192,10 +195,45 @@ def communication(checks: Checks, world: Comm) -> None:
         assert [(r.group, r.phase, r.nbytes) for r in recs] == [("dp", "other", psi * item)]
 
 
+def integer_grads(shapes: list[tuple[int, ...]], seed: int) -> list[Parameter]:
+    """Parameters (equal on every rank) whose gradients are integers that differ by rank."""
+    rng = np.random.default_rng(seed)
+    params = []
+    for i, shape in enumerate(shapes):
+        p = Parameter(shape, Init("zeros"), np.float64)
+        p.name = f"p{i}"
+        p.grad = rng.integers(-50, 50, shape).astype(np.float64)
+        params.append(p)
+    return params
+
+
+def simplest_allreduce(checks: Checks, world: Comm) -> None:
+    """DataParallel in every set-up gives what the per-parameter loop gives, bit for bit.
+
+    Integer-valued gradients make every sum exact whatever order MPI or the ring adds in, and
+    dividing by dp = 2 or 4 is exact too, so any difference is a real one.
+    """
+    shapes = [(7, 5), (5,), (300,), (3, 4)]  # bucket_mb below: two buckets
+    reference = integer_grads(shapes, seed=world.rank)
+    allreduce_gradients(reference, Comm(world.mpi, "dp"))
+    for strategy, overlap, allreduce in [(s, o, "mpi") for s in ("per_param", "flat", "bucketed")
+                                         for o in (True, False)] + [("bucketed", False, "ring")]:
+        with checks.check(f"per-parameter all-reduce = {strategy} overlap={overlap} {allreduce}"):
+            params = integer_grads(shapes, seed=world.rank)
+            grads = [p.grad for p in params]
+            sync = DataParallel(params, Comm(world.mpi, "dp"), strategy=strategy,
+                                bucket_mb=300 / MIB, overlap=overlap, allreduce=allreduce)
+            assert len(sync.buckets) == {"per_param": 4, "flat": 1, "bucketed": 2}[strategy]
+            for p, g in zip(params, grads, strict=True):
+                p.grad[...] = g  # into the flat buffer
+            sync.finish()
+            for p, q in zip(params, reference, strict=True):
+                np.testing.assert_array_equal(p.grad, q.grad, err_msg=p.name)
+
+
 def replicas_start_identical(checks: Checks, world: Comm) -> None:
     cfg, tc, data = base_setup()
     from mpipar.model import GPT
-    from mpipar.parallel.data_parallel import DataParallel
 
     model = GPT(cfg)
     model.initialize(tc.seed)
@@ -266,6 +304,7 @@ def main() -> None:
     install_excepthook(world)
     checks = Checks(world)
     equivalence(checks, world)
+    simplest_allreduce(checks, world)
     communication(checks, world)
     replicas_start_identical(checks, world)
     memory(checks, world)

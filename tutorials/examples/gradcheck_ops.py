@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mpipar import ops
+from mpipar import fused, ops
 from mpipar.autograd import Function, Tensor, no_grad
 from mpipar.model import GPT, GPTConfig
 
@@ -75,7 +75,7 @@ class ForgetfulGelu(Function):
 
     @staticmethod
     def forward(ctx, x):
-        t = np.tanh(ops.GELU_C * (x + ops.GELU_K * x**3))
+        t = np.tanh(fused.GELU_C * (x + fused.GELU_K * x**3))
         ctx.save_for_backward(t)
         return 0.5 * x * (1.0 + t)
 
