@@ -1,8 +1,8 @@
 """The command line from outside: ``train.py`` and ``python -m mpipar.sample`` as processes.
 
-The contract (DESIGN.md §2): exit code 0 when all is well; 2 for bad usage or configuration,
-with ONE line on stderr that names the flag or file and the numbers involved, and nothing
-written — no metrics file, no checkpoint, no trace — because nothing was started.
+The contract (docs/design.md §2 and §7): exit code 0 when all is well; 2 for bad usage or
+configuration, with ONE line on stderr that names the flag or file and the numbers involved,
+and nothing written — no metrics file, no checkpoint, no trace — because nothing was started.
 """
 
 from __future__ import annotations
