@@ -92,6 +92,21 @@ def _is_checkpoint_dir(path: Path) -> bool:
     return path.is_dir() and {e.name for e in path.iterdir()} <= {STATE_FILE, META_FILE}
 
 
+def _host_arrays(arrays: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Numpy copies of ``arrays`` (numpy or cupy), refusing bad names and object arrays."""
+    host: dict[str, np.ndarray] = {}
+    for name, a in arrays.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"checkpoint array names must be non-empty strings: {name!r}")
+        arr = np.asarray(to_numpy(a))
+        if arr.dtype.hasobject:
+            raise CheckpointError(
+                f"checkpoint array {name!r} holds Python objects; only numeric arrays are saved"
+            )
+        host[name] = arr
+    return host
+
+
 def save_checkpoint(
     directory: str | os.PathLike, arrays: Mapping[str, object], meta: Mapping
 ) -> None:
@@ -119,16 +134,7 @@ def save_checkpoint(
         raise CheckpointError(
             f"checkpoint meta for {target} is not JSON-serialisable: {_one_line(exc)}"
         ) from exc
-    host: dict[str, np.ndarray] = {}
-    for name, a in arrays.items():
-        if not isinstance(name, str) or not name:
-            raise CheckpointError(f"checkpoint array names must be non-empty strings: {name!r}")
-        arr = np.asarray(to_numpy(a))
-        if arr.dtype.hasobject:
-            raise CheckpointError(
-                f"checkpoint array {name!r} holds Python objects; only numeric arrays are saved"
-            )
-        host[name] = arr
+    host = _host_arrays(arrays)
 
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)

@@ -107,22 +107,7 @@ def adamw_update(
     s *= 1.0 - beta2
     v += s  # v = β₂v + (1 − β₂)g²
 
-    if np.ndim(weight_decay) == 0:
-        if float(weight_decay):
-            p *= 1.0 - lr * float(weight_decay)
-    else:
-        if weight_decay.dtype == bool:
-            raise ValueError(
-                "adamw_update weight_decay array must hold coefficients (wd * mask), "
-                "not a boolean mask"
-            )
-        if weight_decay.shape != p.shape:
-            raise ValueError(
-                f"weight_decay array has shape {weight_decay.shape}, parameter has {p.shape}"
-            )
-        xp.multiply(p, weight_decay, out=s)
-        s *= lr
-        p -= s  # θ = θ − αλᵢθ
+    _decay_weights(p, weight_decay, lr, s)
 
     bias1 = 1.0 - beta1**step
     bias2 = 1.0 - beta2**step
@@ -132,6 +117,26 @@ def adamw_update(
     xp.divide(m, s, out=s)
     s *= lr / bias1  # s = α·m̂/(√v̂ + ε)
     p -= s
+
+
+def _decay_weights(p, weight_decay, lr: float, scratch) -> None:
+    """θ ← θ − α·λ·θ in place, for a scalar λ or an array of per-element λᵢ like ``p``."""
+    if np.ndim(weight_decay) == 0:
+        if float(weight_decay):
+            p *= 1.0 - lr * float(weight_decay)
+        return
+    if weight_decay.dtype == bool:
+        raise ValueError(
+            "adamw_update weight_decay array must hold coefficients (wd * mask), "
+            "not a boolean mask"
+        )
+    if weight_decay.shape != p.shape:
+        raise ValueError(
+            f"weight_decay array has shape {weight_decay.shape}, parameter has {p.shape}"
+        )
+    array_module(p).multiply(p, weight_decay, out=scratch)
+    scratch *= lr
+    p -= scratch  # θ = θ − αλᵢθ
 
 
 # --------------------------------------------------------------------------------------------
