@@ -281,6 +281,9 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
     preset.pop("batch_size", None)
     shape = {k: getattr(args, k) or v for k, v in preset.items()}
     check_values(args)
+    if shape["d_model"] % shape["n_head"]:  # the model's own rule, said in terms of its flags
+        raise UsageError(f"--n-head {shape['n_head']} does not divide --d-model "
+                         f"{shape['d_model']}")
     check_output_paths(args)
     dp, tp, pp = resolve_sizes(world_size, args.dp, args.tp, args.pp)
     if args.zero and args.optimizer != "adamw":
