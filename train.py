@@ -276,10 +276,9 @@ class Setup:
 
 def configure(args: argparse.Namespace, world_size: int) -> Setup:
     """Turn flags into configs and validate them, touching no other process."""
-    preset = dict(PRESETS[args.preset])
-    batch_size = args.batch_size or preset.pop("batch_size")
-    preset.pop("batch_size", None)
-    shape = {k: getattr(args, k) or v for k, v in preset.items()}
+    preset = PRESETS[args.preset]
+    batch_size = args.batch_size or preset["batch_size"]
+    shape = {k: getattr(args, k) or v for k, v in preset.items() if k != "batch_size"}
     check_values(args)
     if shape["d_model"] % shape["n_head"]:  # the model's own rule, said in terms of its flags
         raise UsageError(f"--n-head {shape['n_head']} does not divide --d-model "
