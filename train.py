@@ -106,7 +106,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     (``None``), an off switch (``False``), or a help text that states its default itself."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or "(default" in action.help:
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
