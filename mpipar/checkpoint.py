@@ -10,6 +10,13 @@ Writing is atomic: both files go into a fresh hidden sibling directory, are flus
 and only then is that directory renamed to the requested name, so a crash mid-save never leaves
 a half-written checkpoint under that name. Reading never unpickles: a file that would need
 ``pickle`` (which can run arbitrary code) is refused.
+
+What ``train.py`` saves is the state of the 1-process run, whatever the layout that trained
+it: ``model.<parameter name>`` for every parameter and ``optim.<state key>`` for every
+optimizer state array (:func:`pack_state`, :func:`unpack_state`). Gathering that full state
+from the shards of a parallel layout, and cutting it back into the shards of another, is
+:mod:`mpipar.parallel.full_state`; checking that a checkpoint fits the run about to resume
+from it is :func:`check_resume`.
 """
 
 from __future__ import annotations
@@ -23,13 +30,21 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mpipar.backend import to_numpy
+from mpipar.model import GPT, GPTConfig
+from mpipar.optim import SGD, AdamW
+
+if TYPE_CHECKING:
+    from mpipar.training import TrainConfig
 
 STATE_FILE = "state.npz"
 META_FILE = "meta.json"
+MODEL_PREFIX = "model."  # + parameter name
+OPTIM_PREFIX = "optim."  # + optimizer state key
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members / an empty zip
 _PICKLE_MAGIC = b"\x80"  # pickle protocols 2 and later start with the PROTO opcode
@@ -77,6 +92,21 @@ def _is_checkpoint_dir(path: Path) -> bool:
     return path.is_dir() and {e.name for e in path.iterdir()} <= {STATE_FILE, META_FILE}
 
 
+def _host_arrays(arrays: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Numpy copies of ``arrays`` (numpy or cupy), refusing bad names and object arrays."""
+    host: dict[str, np.ndarray] = {}
+    for name, a in arrays.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"checkpoint array names must be non-empty strings: {name!r}")
+        arr = np.asarray(to_numpy(a))
+        if arr.dtype.hasobject:
+            raise CheckpointError(
+                f"checkpoint array {name!r} holds Python objects; only numeric arrays are saved"
+            )
+        host[name] = arr
+    return host
+
+
 def save_checkpoint(
     directory: str | os.PathLike, arrays: Mapping[str, object], meta: Mapping
 ) -> None:
@@ -104,16 +134,7 @@ def save_checkpoint(
         raise CheckpointError(
             f"checkpoint meta for {target} is not JSON-serialisable: {_one_line(exc)}"
         ) from exc
-    host: dict[str, np.ndarray] = {}
-    for name, a in arrays.items():
-        if not isinstance(name, str) or not name:
-            raise CheckpointError(f"checkpoint array names must be non-empty strings: {name!r}")
-        arr = np.asarray(to_numpy(a))
-        if arr.dtype.hasobject:
-            raise CheckpointError(
-                f"checkpoint array {name!r} holds Python objects; only numeric arrays are saved"
-            )
-        host[name] = arr
+    host = _host_arrays(arrays)
 
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -249,3 +270,77 @@ def check_state(
     ]
     if problems:
         raise CheckpointError(f"{what} state does not match the checkpoint: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# The state of a training run
+# --------------------------------------------------------------------------------------------
+
+
+def pack_state(model_state: Mapping[str, Any], opt_state: Mapping[str, Any]) -> dict[str, Any]:
+    """One flat dict for ``state.npz``: ``model.<parameter name>``, ``optim.<state key>``."""
+    arrays = {MODEL_PREFIX + name: a for name, a in model_state.items()}
+    arrays.update({OPTIM_PREFIX + key: a for key, a in opt_state.items()})
+    return arrays
+
+
+def unpack_state(arrays: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The inverse of :func:`pack_state`: ``(model_state, opt_state)``; other names are left."""
+    model = {k.removeprefix(MODEL_PREFIX): a for k, a in arrays.items()
+             if k.startswith(MODEL_PREFIX)}
+    optim = {k.removeprefix(OPTIM_PREFIX): a for k, a in arrays.items()
+             if k.startswith(OPTIM_PREFIX)}
+    return model, optim
+
+
+def model_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The full shape of every parameter of the 1-process model of ``cfg``, by name."""
+    return {name: tuple(p.shape) for name, p in GPT(cfg).named_parameters()}
+
+
+def check_resume(arrays: Mapping[str, Any], meta: Mapping[str, Any], cfg: GPTConfig,
+                 tc: TrainConfig) -> None:
+    """A checkpoint must be of this model, with this run's optimizer, at a step before the end.
+
+    Checked before any process talks to another: the model configuration in ``meta.json``
+    equals ``cfg``, the arrays have exactly the names and full shapes of the 1-process model
+    and of a fresh optimizer of ``tc``'s kind, and the step is in ``[0, tc.steps]``.
+
+    Raises:
+        CheckpointError: one line naming the first mismatch.
+    """
+    saved = meta.get("model")
+    if not isinstance(saved, dict):
+        raise CheckpointError("checkpoint meta.json has no 'model' section")
+    for key, value in cfg.to_dict().items():
+        if saved.get(key) != value:
+            raise CheckpointError(f"checkpoint was saved with {key}={saved.get(key)!r} but this "
+                                  f"run has {key}={value!r}")
+    model_state, opt_state = unpack_state(arrays)
+    model = GPT(cfg)
+    check_state({n: tuple(p.shape) for n, p in model.named_parameters()}, model_state,
+                what="model")
+    # A fresh optimizer of this run's kind holds every state array, zeroed (ZeRO's state is
+    # saved in AdamW's keys and shapes).
+    if tc.optimizer == "sgd":
+        fresh = SGD(model.parameters(), lr=tc.lr, momentum=tc.momentum)
+    else:
+        fresh = AdamW(model.parameters(), lr=tc.lr)
+    check_state({k: v.shape for k, v in fresh.state_dict().items()}, opt_state,
+                what="optimizer")
+    step = meta.get("step")
+    if not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint meta.json has a bad step {step!r}")
+    if step > tc.steps:
+        raise CheckpointError(f"checkpoint is at step {step}, past --steps {tc.steps}")
+
+
+# Settings that change the numbers a resumed run computes (layout-only options do not).
+RESUME_SENSITIVE = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+                    "grad_clip", "seed", "optimizer", "momentum")
+
+
+def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """``"lr 0.003 -> 0.01, ..."`` for every resume-sensitive setting that changed."""
+    return ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in RESUME_SENSITIVE
+                     if k in saved and saved[k] != now[k])

@@ -7,18 +7,24 @@ so the sharded optimizer of ZeRO can apply the very same arithmetic to the flat 
 parameters, gradients and moments that a rank owns. The classes here only keep the state and
 loop over parameters.
 
+Every optimizer answers the two questions of global-norm clipping about the gradients it
+updates: ``grad_norm_sq(owned)`` (this rank's Σ g², before any reduction over ranks) and
+``clip(norm, max_norm)``. Optimizer state is keyed ``"<optimizer>.<slot>.<parameter name>"``
+(:func:`state_key`), or ``"<optimizer>.<name>"`` for state of no parameter (AdamW's step
+count); :func:`state_key_param_name` reads the parameter back out of a key.
+
 Arrays may be numpy or cupy; every operation uses the array module of the arrays it is given.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
 from mpipar.backend import array_module, to_numpy
-from mpipar.nn import unique_parameters
+from mpipar.nn import Parameter, unique_parameters
 
 # --------------------------------------------------------------------------------------------
 # Update rules on arrays (in place)
@@ -101,22 +107,7 @@ def adamw_update(
     s *= 1.0 - beta2
     v += s  # v = β₂v + (1 − β₂)g²
 
-    if np.ndim(weight_decay) == 0:
-        if float(weight_decay):
-            p *= 1.0 - lr * float(weight_decay)
-    else:
-        if weight_decay.dtype == bool:
-            raise ValueError(
-                "adamw_update weight_decay array must hold coefficients (wd * mask), "
-                "not a boolean mask"
-            )
-        if weight_decay.shape != p.shape:
-            raise ValueError(
-                f"weight_decay array has shape {weight_decay.shape}, parameter has {p.shape}"
-            )
-        xp.multiply(p, weight_decay, out=s)
-        s *= lr
-        p -= s  # θ = θ − αλᵢθ
+    _decay_weights(p, weight_decay, lr, s)
 
     bias1 = 1.0 - beta1**step
     bias2 = 1.0 - beta2**step
@@ -128,9 +119,45 @@ def adamw_update(
     p -= s
 
 
+def _decay_weights(p, weight_decay, lr: float, scratch) -> None:
+    """θ ← θ − α·λ·θ in place, for a scalar λ or an array of per-element λᵢ like ``p``."""
+    if np.ndim(weight_decay) == 0:
+        if float(weight_decay):
+            p *= 1.0 - lr * float(weight_decay)
+        return
+    if weight_decay.dtype == bool:
+        raise ValueError(
+            "adamw_update weight_decay array must hold coefficients (wd * mask), "
+            "not a boolean mask"
+        )
+    if weight_decay.shape != p.shape:
+        raise ValueError(
+            f"weight_decay array has shape {weight_decay.shape}, parameter has {p.shape}"
+        )
+    array_module(p).multiply(p, weight_decay, out=scratch)
+    scratch *= lr
+    p -= scratch  # θ = θ − αλᵢθ
+
+
 # --------------------------------------------------------------------------------------------
 # Optimizers
 # --------------------------------------------------------------------------------------------
+
+
+def state_key(optimizer: str, slot: str, param_name: str) -> str:
+    """The key of one parameter's state array, e.g. ``state_key("adamw", "m", "wte.weight")``."""
+    return f"{optimizer}.{slot}.{param_name}"
+
+
+def state_key_param_name(key: str) -> str | None:
+    """The name of the parameter a state key belongs to; ``None`` for scalar state.
+
+    ``"adamw.m.h.0.attn.c_attn.weight"`` → ``"h.0.attn.c_attn.weight"`` (parameter names
+    contain dots themselves, so only the first two dots separate fields);
+    ``"adamw.step"`` → ``None``.
+    """
+    fields = key.split(".", 2)
+    return fields[2] if len(fields) == 3 else None
 
 
 def decay_mask(param) -> bool:
@@ -224,8 +251,16 @@ class SGD:
         for p in self.params:
             p.grad = None
 
+    def grad_norm_sq(self, owned: Callable[[Parameter], bool]) -> float:
+        """Σ g² (float64) over the gradients of this rank's parameters with ``owned(p)``."""
+        return grad_norm_sq(p for p in self.params if owned(p))
+
+    def clip(self, norm: float, max_norm: float) -> None:
+        """Scale every gradient by max_norm / (norm + 10⁻⁶) when ``norm`` (global) > max_norm."""
+        scale_to_max_norm(self.params, norm, max_norm)
+
     def _live_state(self) -> dict[str, object]:
-        return {f"sgd.momentum.{name}": b for name, b in self.bufs.items()}
+        return {state_key("sgd", "momentum", name): b for name, b in self.bufs.items()}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Host copies of the optimizer state, keyed by flat names."""
@@ -299,11 +334,19 @@ class AdamW:
         for p in self.params:
             p.grad = None
 
+    def grad_norm_sq(self, owned: Callable[[Parameter], bool]) -> float:
+        """Σ g² (float64) over the gradients of this rank's parameters with ``owned(p)``."""
+        return grad_norm_sq(p for p in self.params if owned(p))
+
+    def clip(self, norm: float, max_norm: float) -> None:
+        """Scale every gradient by max_norm / (norm + 10⁻⁶) when ``norm`` (global) > max_norm."""
+        scale_to_max_norm(self.params, norm, max_norm)
+
     def _live_state(self) -> dict[str, object]:
         state: dict[str, object] = {}
         for name in self.m:
-            state[f"adamw.m.{name}"] = self.m[name]
-            state[f"adamw.v.{name}"] = self.v[name]
+            state[state_key("adamw", "m", name)] = self.m[name]
+            state[state_key("adamw", "v", name)] = self.v[name]
         return state
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -401,9 +444,15 @@ def clip_grad_norm(params: Iterable, max_norm: float, *, norm_sq: float | None =
     if norm_sq is None:
         norm_sq = grad_norm_sq(params)
     norm = math.sqrt(norm_sq) if norm_sq >= 0 else float("nan")
+    scale_to_max_norm(params, norm, max_norm)
+    return norm
+
+
+def scale_to_max_norm(params: Iterable, norm: float, max_norm: float) -> None:
+    """The step of :func:`clip_grad_norm` once the global ``norm`` is known: if it is finite
+    and above ``max_norm > 0``, g_p ← g_p · max_norm / (norm + 10⁻⁶) for every p."""
     if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
         scale = float(max_norm) / (norm + 1e-6)
         for p in params:
             if p.grad is not None:
                 p.grad *= scale
-    return norm

@@ -13,6 +13,11 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mpipar.autograd import no_grad
+from mpipar.checkpoint import CheckpointError, check_state, load_checkpoint, unpack_state
+from mpipar.data import CharTokenizer
+from mpipar.model import GPT, GPTConfig
+
 
 def sample_tokens(logits_fn: Callable[[np.ndarray], np.ndarray], prompt: list[int], n: int,
                   seq_len: int, *, temperature: float = 1.0, top_k: int | None = None,
@@ -39,29 +44,35 @@ def sample_tokens(logits_fn: Callable[[np.ndarray], np.ndarray], prompt: list[in
     return tokens
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mpipar.checkpoint import CheckpointError, check_state, load_checkpoint
-    from mpipar.data import CharTokenizer
-    from mpipar.model import GPT, GPTConfig
-
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m mpipar.sample",
                                  description="Generate text from a checkpoint saved by "
                                              "train.py --save DIR.")
-    ap.add_argument("--checkpoint", required=True, help="directory written by --save")
-    ap.add_argument("-n", "--num-chars", type=int, default=200, help="characters to generate")
+    ap.add_argument("--checkpoint", required=True, metavar="DIR",
+                    help="directory written by train.py --save")
+    ap.add_argument("-n", "--num-chars", type=int, default=200,
+                    help="characters to generate (default: 200)")
     ap.add_argument("--prompt", default=None,
                     help="text to start from (default: a newline, or the first character of "
                          "the vocabulary if it has no newline)")
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    ap.add_argument("--temperature", type=float, default=0.8,
+                    help="divide the logits by this before sampling; 0 always takes the most "
+                         "likely character (default: 0.8)")
+    ap.add_argument("--top-k", type=int, default=None, metavar="K",
+                    help="sample only among the K most likely characters (default: all)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the sampling random stream (default: 0)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         arrays, meta = load_checkpoint(args.checkpoint)
         cfg = GPTConfig(**meta["model"])
         tok = CharTokenizer.from_chars(meta["tokenizer"])
         model = GPT(cfg)
-        model_state = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
+        model_state, _ = unpack_state(arrays)
         check_state({n: tuple(p.shape) for n, p in model.named_parameters()}, model_state)
         model.load_state_dict(model_state)
         if args.prompt is None:
@@ -71,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, KeyError, ValueError, TypeError) as exc:
         print(f"sample: error: {exc}", file=sys.stderr)
         return 2
-    from mpipar.autograd import no_grad
-
     model.eval()
     with no_grad():
         out = sample_tokens(lambda idx: model(idx).data[:, -1, :], prompt, args.num_chars,

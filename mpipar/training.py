@@ -1,6 +1,6 @@
-"""The training loop: one object that owns the model, the data, the optimizer and the step.
+"""The training step: one object that owns the model, the data, the optimizer and the step.
 
-A step in every layout (DESIGN.md §5):
+A step in every layout (docs/design.md §5):
 
 1. draw the global batch of the step (the same in every layout), keep this rank's
    data-parallel shard of rows and cut it into ``microbatches``;
@@ -11,16 +11,16 @@ A step in every layout (DESIGN.md §5):
 4. clip by the global gradient norm, take the optimizer step with this step's learning rate.
 
 The reported loss is the mean over the whole global batch, so it is the same number in every
-layout (and, in float64, the same as the 1-process run to ~1e-10).
+layout (and, in float64, the same as the 1-process run to ~1e-10). Saving and loading the
+state of a run is :mod:`mpipar.parallel.full_state`; the command line is ``train.py``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,14 +31,16 @@ from mpipar.backend import get_xp, to_numpy
 from mpipar.data import Dataset, eval_batches, get_batch, shard_rows, split_microbatches
 from mpipar.grid import ProcessGrid
 from mpipar.model import GPT, GPTConfig, SerialLayers
-from mpipar.nn import DropoutKey, Parameter, unique_parameters
-from mpipar.optim import SGD, AdamW, clip_grad_norm, grad_norm_sq, lr_at
+from mpipar.nn import DropoutKey, unique_parameters
+from mpipar.optim import SGD, AdamW, lr_at
+from mpipar.parallel.full_state import owns
+from mpipar.sample import sample_tokens
 from mpipar.trace import Tracer
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything about a run that is not the model's shape (DESIGN.md §2 flags)."""
+    """Everything about a run that is not the model's shape (docs/design.md §2 flags)."""
 
     steps: int = 200
     batch_size: int = 8
@@ -67,11 +69,6 @@ class TrainConfig:
         return asdict(self)
 
 
-def peak_memory_bytes() -> int:
-    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 class Trainer:
     """Builds this rank's part of the model and runs training steps in a given layout."""
 
@@ -86,6 +83,7 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.step = 0  # the next step to run
         self.pipeline = self._make_pipeline()
+        self.gradient_steps = self._gradient_steps()
 
     # -- construction (each parallelism plugs in here) --------------------------------------
     def _make_layers(self) -> SerialLayers:
@@ -132,21 +130,44 @@ class Trainer:
 
         return PipelineExecutor(self.chunks, self.grid, self.tc, self.tracer)
 
-    # -- one training step ------------------------------------------------------------------
-    def local_rows(self) -> tuple[int, int]:
-        """This rank's rows [lo, hi) of the global batch (its data-parallel shard)."""
-        per = self.tc.batch_size // self.grid.dp
-        return self.grid.dp_rank * per, (self.grid.dp_rank + 1) * per
+    def _gradient_steps(self) -> list[Callable[[], None]]:
+        """The gradient communication that completes backward, in the order it must run.
 
+        * tp sum: under sequence parallelism, replicated parameters saw one piece of the
+          sequence each, and their gradients are summed over tp;
+        * tied sum: the embedding (first stage) and head (last stage) terms of dL/d(wte);
+        * dp: the data-parallel average, or ZeRO's reduce-scatter of the averaged shards.
+
+        All three are sums, so any order gives the same gradient, but two constraints fix it.
+        Without ZeRO, data-parallel buckets launched during backward may still be in flight
+        until ``finish`` waits for them, so the tp sum, which writes into those buffers, comes
+        after; the tied sum may come first because a pipeline holds data-parallel
+        communication back for its whole schedule. With ZeRO the reduce-scatter keeps only
+        this rank's shard, so every other sum must come before it.
+        """
+        tp_sum = [self._sum_replicated_grads] if self.grid.tp > 1 else []
+        tied_sum = [self.pipeline.sync_tied_grads] if self.pipeline is not None else []
+        if self.grad_sync is None:
+            return tp_sum + tied_sum
+        if self.grad_sync.zero:
+            return tp_sum + tied_sum + [self.grad_sync.finish]
+        return tied_sum + [self.grad_sync.finish] + tp_sum
+
+    def _sum_replicated_grads(self) -> None:
+        self.layers.sync_replicated_grads(self.params)
+
+    # -- one training step ------------------------------------------------------------------
     def dropout_keys(self, step: int) -> list[DropoutKey]:
         """The dropout key of each microbatch: which rows of the global batch it holds."""
-        lo, hi = self.local_rows()
+        per_rank = self.tc.batch_size // self.grid.dp
+        lo = self.grid.dp_rank * per_rank  # this rank's rows [lo, lo + per_rank)
         m = self.tc.microbatches
-        per = (hi - lo) // m
+        per = per_rank // m
         return [DropoutKey(self.tc.seed, step, self.tc.batch_size,
                            slice(lo + k * per, lo + (k + 1) * per)) for k in range(m)]
 
     def microbatches(self, x: np.ndarray, y: np.ndarray) -> tuple[list, list]:
+        """This rank's data-parallel shard of a batch, cut into microbatches (on the device)."""
         xp = get_xp()
         xs = shard_rows(x, self.grid.dp_rank, self.grid.dp)
         ys = shard_rows(y, self.grid.dp_rank, self.grid.dp)
@@ -178,50 +199,26 @@ class Trainer:
         return total
 
     def finish_gradients(self) -> None:
-        """Gradient communication that completes the backward pass of a step.
-
-        The tensor-parallel sum of replicated gradients and the data-parallel average are both
-        sums, so their order does not change the result, but without ZeRO data-parallel
-        buckets may still be in flight (launched during backward) and must not be written to
-        until ``finish`` has waited for them; with ZeRO the reduce-scatter keeps only a shard,
-        so the tensor-parallel sum has to come first.
-        """
-        zero_sharded = self.grad_sync is not None and self.grad_sync.zero > 0
+        """Run the gradient communication of the step, in the order of `_gradient_steps`."""
         with self.tracer.context(phase="backward", microbatch=None):
-            if self.grid.tp > 1 and (self.grad_sync is None or zero_sharded):
-                self.layers.sync_replicated_grads(self.params)
-            if self.pipeline is not None:
-                self.pipeline.sync_tied_grads()
-            if self.grad_sync is not None:
-                self.grad_sync.finish()
-                if self.grid.tp > 1 and not zero_sharded:
-                    self.layers.sync_replicated_grads(self.params)
+            for finish in self.gradient_steps:
+                finish()
 
     def global_grad_norm_sq(self) -> float:
         """Σ g² over the parameters of the whole model, each element counted once.
 
-        A rank counts what it alone owns: its tensor-parallel shards, replicated parameters
-        only on tensor-parallel rank 0, the tied embedding only on the first stage, and its
-        ZeRO gradient shard (otherwise data-parallel replicas agree and are divided out).
+        Each rank sums the gradients it :func:`~mpipar.parallel.full_state.owns`; over the
+        world that counts every tp shard and pp stage once, and every data-parallel element
+        ``grad_replicas`` times (dp when replicas all hold it, 1 when ZeRO sharded it).
         """
+        local = self.optimizer.grad_norm_sq(lambda p: owns(p, self.grid))
         if self.grid.world.size == 1:
-            return grad_norm_sq(self.params)
-        if self.tc.zero and self.grid.dp > 1:
-            local = self.optimizer.grad_norm_sq(self.norm_owned)
-            replicas = 1
-        else:
-            local = grad_norm_sq([p for p in self.params if self.norm_owned(p)])
-            replicas = self.grid.dp
+            return local
         buf = np.array([local], dtype=np.float64)
         with self.tracer.context(phase="optimizer"):
             self.grid.world.allreduce(buf)
+        replicas = self.grad_sync.grad_replicas if self.grad_sync is not None else 1
         return float(buf[0]) / replicas
-
-    def norm_owned(self, p: Parameter) -> bool:
-        """Whether this rank counts ``p`` in the global gradient norm (see above)."""
-        if p.replicated_in_tp and self.grid.tp_rank != 0:
-            return False
-        return not (p.name == "wte.weight" and self.grid.pp > 1 and not self.grid.is_first_stage)
 
     def train_step(self) -> dict[str, Any]:
         """Run step ``self.step``; return its metrics (the loss is the global-batch mean)."""
@@ -237,7 +234,7 @@ class Trainer:
                    min_lr_ratio=tc.min_lr_ratio)
         with self.tracer.context(phase="optimizer"):
             if tc.grad_clip > 0:
-                self.clip(norm)
+                self.optimizer.clip(norm, tc.grad_clip)
             self.optimizer.step(lr)
         loss = self.reduce_loss(local_loss)
         dt = time.perf_counter() - t0
@@ -253,13 +250,6 @@ class Trainer:
             for p in self.params:
                 p.grad = None
 
-    def clip(self, norm: float) -> None:
-        """Scale every gradient by grad_clip/norm when the global norm exceeds grad_clip."""
-        if self.tc.zero and self.grid.dp > 1:
-            self.optimizer.clip(norm, self.tc.grad_clip)
-        else:
-            clip_grad_norm(self.params, self.tc.grad_clip, norm_sq=norm * norm)
-
     def reduce_loss(self, local: float) -> float:
         """The global-batch mean loss, known on every rank (one 8-byte all-reduce).
 
@@ -268,169 +258,50 @@ class Trainer:
         """
         if self.grid.world.size == 1:
             return local
-        owns = self.grid.is_last_stage and self.grid.tp_rank == 0
-        buf = np.array([local / self.grid.dp if owns else 0.0], dtype=np.float64)
+        computes = self.grid.is_last_stage and self.grid.tp_rank == 0
+        buf = np.array([local / self.grid.dp if computes else 0.0], dtype=np.float64)
         with self.tracer.context(phase="other"):
             self.grid.world.allreduce(buf)
         return float(buf[0])
 
     # -- evaluation and generation ----------------------------------------------------------
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Evaluation mode (no dropout) and no autograd graph, for the duration of a block."""
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            with no_grad():
+                yield
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches (the same batches in every layout)."""
         tc = self.tc
         batches = eval_batches(self.data.val, tc.eval_batches, tc.batch_size, self.cfg.seq_len,
                                tc.seed)
         total = 0.0
-        for chunk in self.chunks:
-            chunk.eval()
-        with no_grad():
+        with self._inference():
             for x, y in batches:
                 xs, ys = self.microbatches(x, y)
                 if self.pipeline is not None:
                     local = self.pipeline.forward_only(xs, ys)
                 else:
-                    local = sum(float(self.chunks[0](a, b).data) for a, b in zip(xs, ys,
-                                                                                 strict=True))
-                    local /= len(xs)
+                    local = sum(float(self.chunks[0](a, b).data)
+                                for a, b in zip(xs, ys, strict=True)) / len(xs)
                 total += self.reduce_loss(local)
-        for chunk in self.chunks:
-            chunk.train()
         return total / len(batches)
 
     def generate(self, prompt: list[int], n: int, *, temperature: float = 1.0,
                  top_k: int | None = None, seed: int = 0) -> list[int]:
         """Sample ``n`` tokens after ``prompt``; every rank returns the same tokens."""
-        from mpipar.sample import sample_tokens
-
         if self.pipeline is not None:
             logits_fn = self.pipeline.last_logits
         else:
             def logits_fn(idx):
                 return to_numpy(self.chunks[0](get_xp().asarray(idx)).data[:, -1, :])
-        for chunk in self.chunks:
-            chunk.eval()
-        with no_grad():
-            out = sample_tokens(logits_fn, prompt, n, self.cfg.seq_len,
-                                temperature=temperature, top_k=top_k, seed=seed)
-        for chunk in self.chunks:
-            chunk.train()
-        return out
-
-    # -- checkpoints ------------------------------------------------------------------------
-    def full_state(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """The whole model's parameters and optimizer state, as the 1-process run holds them.
-
-        Every rank calls this (it communicates); every rank gets the full arrays.
-        """
-        model = {}
-        for p in self.params:
-            model[p.name] = p
-        opt_local = self.optimizer.state_dict()
-        if self.grid.world.size == 1:
-            return ({n: to_numpy(p.data).copy() for n, p in model.items()}, opt_local)
-        names = gather_names(self.grid, sorted(model))
-        full_model = {}
-        for name in names:
-            p = model.get(name)
-            full_model[name] = self._assemble(name, p, None if p is None else p.data)
-        full_opt = {}
-        opt_names = gather_names(self.grid, sorted(opt_local))
-        for key in opt_names:
-            pname = key.split(".", 2)[2] if key.count(".") >= 2 else None
-            p = model.get(pname) if pname else None
-            full_opt[key] = self._assemble(key, p, opt_local.get(key))
-        return full_model, full_opt
-
-    def _assemble(self, name: str, p: Parameter | None, local: Any) -> np.ndarray:
-        """All-reduce of zero-padded contributions: owners write their part of the full array.
-
-        A first 8-integer all-reduce (max) agrees on the full shape and on whether the value is
-        an integer (the optimizer's step count); then each owner writes its shard at its
-        ``shard_index`` in a zero array and a sum all-reduce assembles the whole.
-        """
-        owner = local is not None and self._state_owner(p)
-        head = np.zeros(8, dtype=np.int64)  # [ndim, is_int, dims...]
-        if owner:
-            full_shape = p.full_shape if p is not None else np.shape(local)
-            head[0] = len(full_shape)
-            head[1] = to_numpy(local).dtype.kind in "iu"
-            head[2:2 + len(full_shape)] = full_shape
-        self.grid.world.allreduce(head, op="max")
-        full_shape = tuple(int(s) for s in head[2:2 + head[0]])
-        buf = np.zeros(full_shape, dtype=np.int64 if head[1] else self.dtype)
-        if owner:
-            if p is None or p.shard_index is None:
-                buf[...] = to_numpy(local)
-            else:
-                buf[p.shard_index] = to_numpy(local)[p.local_index]
-        self.grid.world.allreduce(buf)
-        return buf
-
-    def _state_owner(self, p: Parameter | None) -> bool:
-        """Whether this rank writes ``p``'s part into the assembled full state."""
-        if self.grid.dp_rank != 0:
-            return False
-        if p is None:  # scalar optimizer state (the step count): one writer
-            return self.grid.tp_rank == 0 and self.grid.is_first_stage
-        if p.replicated_in_tp and self.grid.tp_rank != 0:
-            return False
-        return not (p.name == "wte.weight" and self.grid.pp > 1 and not self.grid.is_first_stage)
-
-    def load_full_state(self, model_state: dict[str, np.ndarray],
-                        opt_state: dict[str, np.ndarray]) -> None:
-        """Load a full (1-process shaped) state: each rank keeps its own shard of it."""
-        for p in self.params:
-            full = model_state[p.name]
-            part = full if p.shard_index is None else full[p.shard_index]
-            p.data[p.local_index] = get_xp().asarray(part.astype(p.data.dtype, copy=False))
-        local_opt = {}
-        for key, value in opt_state.items():
-            pname = key.split(".", 2)[2] if key.count(".") >= 2 else None
-            p = next((q for q in self.params if q.name == pname), None) if pname else None
-            if pname is not None and p is None:
-                continue  # a parameter another rank holds
-            if p is None or p.shard_index is None:
-                local_opt[key] = value
-            else:  # the optimizer state of a shard has the shard's (padded) local shape
-                local = np.zeros(p.shape, dtype=value.dtype)
-                local[p.local_index] = value[p.shard_index]
-                local_opt[key] = local
-        self.optimizer.load_state_dict(local_opt)
-
-    def expected_model_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Full shapes of every parameter of the 1-process model (for checking a checkpoint)."""
-        full = GPT(self.cfg, SerialLayers(self.dtype))
-        return {name: tuple(p.shape) for name, p in full.named_parameters()}
-
-
-def gather_names(grid: ProcessGrid, names: list[str]) -> list[str]:
-    """The sorted union of parameter names held anywhere (a small control message)."""
-    everyone = grid.world.allgather_object(names)
-    return sorted({n for names_r in everyone for n in names_r})
-
-
-class MetricsWriter:
-    """JSON lines on global rank 0 (DESIGN.md §3); a no-op elsewhere or without a path."""
-
-    def __init__(self, path: str | None, active: bool) -> None:
-        self._file = open(path, "w", encoding="utf-8") if path and active else None  # noqa: SIM115
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-def format_progress(m: dict[str, Any], total_steps: int, elapsed: float) -> str:
-    done = m["step"] + 1
-    eta = elapsed / max(done, 1) * (total_steps - done)
-    return (f"step {m['step']:5d}/{total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
-            f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_s']:8.0f} tok/s | "
-            f"ETA {eta:5.0f}s")
-
-
-ProgressFn = Callable[[str], None]
+        with self._inference():
+            return sample_tokens(logits_fn, prompt, n, self.cfg.seq_len,
+                                 temperature=temperature, top_k=top_k, seed=seed)

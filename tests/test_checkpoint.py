@@ -1,17 +1,29 @@
-"""Checkpoint files: round trip, atomic replacement, refusing pickles, clear errors."""
+"""Checkpoint files: round trip, atomic replacement, refusing pickles, clear errors; the
+names of a run's state in them, and which rank writes which part of the full state."""
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import pickle
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import mpipar.checkpoint as ckpt
-from mpipar.checkpoint import CheckpointError, check_state, load_checkpoint, save_checkpoint
+from mpipar.checkpoint import (
+    CheckpointError,
+    check_state,
+    load_checkpoint,
+    pack_state,
+    save_checkpoint,
+    unpack_state,
+)
+from mpipar.nn import Init, Parameter
+from mpipar.parallel.full_state import owns, writes_full_state
 
 
 def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
@@ -199,3 +211,42 @@ def test_check_state_names_missing_unexpected_and_wrong_shapes():
     assert "5 missing (h.1.w, h.2.w, h.3.w and 2 more)" in msg
     assert "1 unexpected (extra)" in msg
     assert "1 wrong shape (wte: expected (65, 8), found (64, 8))" in msg
+
+
+# --------------------------------------------------------------------------------------------
+# The state of a run
+# --------------------------------------------------------------------------------------------
+
+
+def test_pack_and_unpack_state_are_inverse():
+    model = {"wte.weight": np.ones((3, 2)), "h.0.ln_1.bias": np.zeros(2)}
+    optim = {"adamw.m.wte.weight": np.ones((3, 2)), "adamw.step": np.array(4)}
+    arrays = pack_state(model, optim)
+    assert sorted(arrays) == ["model.h.0.ln_1.bias", "model.wte.weight", "optim.adamw.m.wte.weight",
+                              "optim.adamw.step"]
+    model_back, optim_back = unpack_state({**arrays, "other": np.zeros(1)})
+    for back, state in ((model_back, model), (optim_back, optim)):
+        assert sorted(back) == sorted(state)
+        assert all(back[k] is state[k] for k in state)
+
+
+def _grid(tp_rank: int, dp_rank: int, pp_rank: int, pp: int) -> SimpleNamespace:
+    return SimpleNamespace(tp_rank=tp_rank, dp_rank=dp_rank, pp=pp,
+                           is_first_stage=pp_rank == 0)
+
+
+def test_each_element_has_one_owner_and_one_writer():
+    """Over a 2 × 2 × 2 grid: a tp shard is owned by its holder, a replicated parameter by tp
+    rank 0, the tied embedding (first and last stage) by the first stage; of the owners, dp
+    rank 0 writes; scalar optimizer state is written by one rank of all eight."""
+    replicated = Parameter((4,), Init("zeros"))
+    shard = Parameter((2,), Init("zeros"), full_shape=(4,), shard_index=(slice(0, 2),))
+    tied = Parameter((4,), Init("zeros"), full_shape=(8,), shard_index=(slice(0, 4),))
+    tied.tied_embedding = True
+    ranks = [_grid(t, d, s, 2) for t, d, s in itertools.product((0, 1), repeat=3)]
+    for p, owners in ((replicated, 4), (shard, 8), (tied, 4)):
+        assert sum(owns(p, g) for g in ranks) == owners
+        assert sum(writes_full_state(p, g) for g in ranks) == owners // 2
+    assert not owns(replicated, _grid(1, 0, 0, 2)) and owns(shard, _grid(1, 0, 0, 2))
+    assert not owns(tied, _grid(0, 0, 1, 2)) and owns(tied, _grid(0, 0, 0, 2))
+    assert [writes_full_state(None, g) for g in ranks].count(True) == 1

@@ -1,8 +1,8 @@
 """The command line from outside: ``train.py`` and ``python -m mpipar.sample`` as processes.
 
-The contract (DESIGN.md §2): exit code 0 when all is well; 2 for bad usage or configuration,
-with ONE line on stderr that names the flag or file and the numbers involved, and nothing
-written — no metrics file, no checkpoint, no trace — because nothing was started.
+The contract (docs/design.md §2 and §7): exit code 0 when all is well; 2 for bad usage or
+configuration, with ONE line on stderr that names the flag or file and the numbers involved,
+and nothing written — no metrics file, no checkpoint, no trace — because nothing was started.
 """
 
 from __future__ import annotations
@@ -48,17 +48,54 @@ def outputs(out_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def test_help_lists_groups_and_key_flags(run_train):
-    proc = check_ok(run_train(["--help"], timeout=60))
+def flag_helps(help_text: str) -> dict[str, str]:
+    """Each option of an argparse ``--help`` (by its long name) and its help text."""
+    helps: dict[str, str] = {}
+    flag = None
+    for line in help_text.splitlines():
+        if line.startswith("  -"):  # "  -n N, --num-chars N   text": two spaces end the flag
+            invocation, _, text = line.strip().partition("  ")
+            flag = invocation.split(", ")[-1].split(" ")[0]
+            helps[flag] = text.strip()
+        elif flag is not None and line.startswith("   "):  # the help text continues
+            helps[flag] = f"{helps[flag]} {line.strip()}".strip()
+        else:
+            flag = None
+    return helps
+
+
+def assert_every_flag_explained(proc) -> dict[str, str]:
+    helps = flag_helps(proc.stdout)
+    silent = sorted(f for f, text in helps.items() if not text)
+    assert not silent, f"flags without a help line: {silent}\n{proc.stdout}"
+    assert "(default: None)" not in proc.stdout, proc.stdout
+    doubled = sorted(f for f, text in helps.items() if text.count("(default") > 1)
+    assert not doubled, f"flags that state their default twice: {doubled}"
+    return helps
+
+
+def test_help_lists_groups_and_explains_every_flag_once(run_train):
+    """Under ``mpirun -n 2`` the help is printed once (by rank 0) and both ranks exit 0."""
+    proc = check_ok(run_train(["--help"], n=2, timeout=60))
+    assert proc.stdout.count("usage: train.py") == 1, proc.stdout
     groups = [line.split(":")[0].split(" (")[0] for line in proc.stdout.splitlines()
               if line and not line.startswith(" ") and line.endswith(":")]
     for group in ("layout", "model", "training", "parallelism", "output"):
         assert group in groups, f"--help has no {group!r} group (groups: {groups})"
+    helps = assert_every_flag_explained(proc)
     for flag in ("--dp", "--tp", "--pp", "--preset", "--steps", "--batch-size", "--lr",
                  "--dtype", "--data", "--microbatches", "--schedule", "--zero",
                  "--metrics", "--trace", "--save", "--resume", "--sample", "--device"):
-        assert f"  {flag} " in proc.stdout, f"--help does not list {flag}"
+        assert f"  {flag} " in proc.stdout and flag in helps, f"--help does not list {flag}"
     assert proc.stderr == ""
+
+
+def test_sample_module_help_explains_every_flag(run_python):
+    proc = check_ok(run_python(["-m", "mpipar.sample", "--help"], timeout=60))
+    helps = assert_every_flag_explained(proc)
+    for flag in ("--checkpoint", "--num-chars", "--prompt", "--temperature", "--top-k",
+                 "--seed"):
+        assert flag in helps, f"--help does not list {flag}\n{proc.stdout}"
 
 
 def test_sample_flag_prints_a_sample(run_train, tiny_data, out_dir):

@@ -17,6 +17,7 @@ from mpipar.optim import (
     grad_norm_sq,
     lr_at,
     sgd_update,
+    state_key_param_name,
 )
 
 
@@ -365,3 +366,33 @@ def test_clip_grad_norm_uses_the_global_norm_sq():
     assert norm == pytest.approx(math.sqrt(global_sq), rel=1e-15)
     for p, g in zip(params, grads, strict=True):
         np.testing.assert_allclose(p.grad, g * 0.5 / (norm + 1e-6), rtol=1e-14)
+
+
+@pytest.mark.parametrize("make", [lambda ps: SGD(ps, lr=0.1, momentum=0.9),
+                                  lambda ps: AdamW(ps, lr=0.1)], ids=["sgd", "adamw"])
+def test_optimizer_norm_and_clip_are_grad_norm_sq_and_clip_grad_norm(make):
+    """The methods the trainer calls give exactly the functions' numbers, over owned params."""
+    params, ref = _params(), _params()
+    opt = make(params)
+    expected = grad_norm_sq([p for p in ref if p.name != "b"])
+    assert opt.grad_norm_sq(lambda p: p.name != "b") == expected
+    norm = clip_grad_norm(ref, max_norm=0.5)
+    opt.clip(norm, 0.5)
+    for p, q in zip(params, ref, strict=True):
+        np.testing.assert_array_equal(p.grad, q.grad, err_msg=p.name)
+    before = [p.grad.copy() for p in params]
+    opt.clip(0.4, 0.5)  # below the threshold: untouched
+    opt.clip(float("nan"), 0.5)  # a non-finite norm: untouched
+    assert all(np.array_equal(p.grad, b) for p, b in zip(params, before, strict=True))
+
+
+def test_state_keys_name_their_parameter():
+    """Every per-parameter state key maps back to its parameter; scalar state to None."""
+    params = _params()
+    for opt in (SGD(params, lr=0.1, momentum=0.9), AdamW(params, lr=0.1)):
+        owners = {k: state_key_param_name(k) for k in opt.state_dict()}
+        scalar = [k for k, name in owners.items() if name is None]
+        assert scalar == (["adamw.step"] if isinstance(opt, AdamW) else []), owners
+        per_param = [name for name in owners.values() if name is not None]
+        slots = 2 if isinstance(opt, AdamW) else 1  # m and v, or the velocity
+        assert sorted(per_param) == sorted([p.name for p in params] * slots), owners

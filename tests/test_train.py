@@ -135,7 +135,7 @@ def test_stop_and_resume_is_bit_identical(variant, run_train, tiny_data, tmp_pat
 
 
 # --------------------------------------------------------------------------------------------
-# The metrics file (DESIGN.md §3)
+# The metrics file (docs/design.md §3)
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Serial equivalence (DESIGN.md §5) of many parallel layouts in one ``mpirun`` launch.
+"""Serial equivalence (docs/design.md §5) of many parallel layouts in one ``mpirun`` launch.
 
 Usage: ``mpirun -n N python tests/mpi_scripts/equivalence.py '<json>'`` where the JSON is
 ``{"steps": S, "model": {...GPTConfig overrides}, "train": {...TrainConfig overrides},
@@ -25,6 +25,7 @@ from mpipar.comm import Comm
 from mpipar.data import CharTokenizer, make_dataset
 from mpipar.grid import ProcessGrid, validate_layout
 from mpipar.model import GPTConfig
+from mpipar.parallel.full_state import full_state
 from mpipar.trace import Tracer
 from mpipar.training import TrainConfig, Trainer
 
@@ -45,7 +46,7 @@ def run(cfg: GPTConfig, tc: TrainConfig, grid: ProcessGrid, data, steps: int):
         m = trainer.train_step()
         losses.append(m["loss"])
         norms.append(m["grad_norm"])
-    model, optim = trainer.full_state()
+    model, optim = full_state(trainer.params, trainer.optimizer, grid, trainer.dtype)
     return np.array(losses), np.array(norms), model, optim, trainer
 
 
