@@ -1,9 +1,9 @@
 """``ProcessGrid`` groups checked on a real job: ``mpirun -n 8 python grid_checks.py``.
 
 Builds every layout of 8 ranks named in ``LAYOUTS`` and checks, on every rank, that each
-group holds exactly the ranks the DESIGN §4 formula says (computed here independently by
-brute force over all ranks), that the groups really communicate among those ranks, and the
-embedding group and pipeline neighbours. Prints a VERDICT.
+group holds exactly the ranks the docs/design.md §4 formula says (computed here
+independently by brute force over all ranks), that the groups really communicate among those
+ranks, and the embedding group and pipeline neighbours. Prints a VERDICT.
 """
 
 from __future__ import annotations
