@@ -31,7 +31,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import check_ok, describe_run, python_subprocess, train_subprocess
-from mpi_util import assert_check_passed, parse_verdict, run_equivalence, run_mpi_ok, script
+from mpi_util import (
+    assert_check_passed,
+    parse_verdict,
+    run_equivalence,
+    run_killable,
+    run_mpi_ok,
+    script,
+)
 
 from mpipar import ops
 from mpipar.autograd import Tensor
@@ -45,12 +52,7 @@ from mpipar.parallel.pipeline import (
     simulate,
     theoretical_bubble,
 )
-from mpipar.parallel.pipeline.executor import (
-    BufferPool,
-    PipelineExecutor,
-    forward_only_program,
-    graph_bytes,
-)
+from mpipar.parallel.pipeline.executor import PipelineExecutor, forward_only_program
 from mpipar.parallel.pipeline.measure import (
     bubble_from_records,
     compute_interval,
@@ -58,10 +60,11 @@ from mpipar.parallel.pipeline.measure import (
     step_extents,
     trace_timeline,
 )
+from mpipar.parallel.pipeline.memory import BufferPool, graph_bytes
+from mpipar.parallel.pipeline.pictures import split_sendrecvs
 from mpipar.parallel.pipeline.stages import build_stage_chunks, describe_stages, stage_bounds
 from mpipar.trace import COMPUTE, Tracer, TraceRecord, load_jsonl
 from mpipar.viz import main as viz_main
-from mpipar.viz import split_sendrecvs
 
 # ---- stages -----------------------------------------------------------------------------
 
@@ -259,6 +262,16 @@ def test_viz_schedule_draws_a_png(tmp_path):
     assert viz_main(["schedule", "--schedule", "interleaved", "-p", "2", "-m", "4", "-v", "2",
                      "-o", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_viz_stops_quietly_when_its_reader_goes_away():
+    """``python -m mpipar.viz schedule ... | head -3``: the 220 kB listing fills the pipe, head
+    exits, and the command's next write fails; it must end with exit code 1, no traceback."""
+    viz = f"{sys.executable} -m mpipar.viz schedule -p 16 -m 64 --instructions"
+    proc = run_killable(["sh", "-c", f'{{ {viz}; echo "viz exited $?" >&2; }} | head -3'],
+                        timeout=60)
+    assert proc.stderr == "viz exited 1\n", describe_run(proc)
+    assert proc.stdout.startswith("schedule 1f1b: p=16 ranks") and proc.stdout.count("\n") == 3
 
 
 # ---- serial equivalence (equivalence.py) ------------------------------------------------

@@ -72,8 +72,8 @@ def main() -> None:
         allocated[schedule] = (first, trainer.pipeline.pool.allocated)
         ex = trainer.pipeline
         with checks.check(f"{schedule}: stash freed after the step"):
-            assert not ex.stash and ex.stash_bytes == 0, (
-                f"{len(ex.stash)} stashes, {ex.stash_bytes} bytes left")
+            assert not ex.stash and ex.stash.nbytes == 0, (
+                f"{len(ex.stash)} stashes, {ex.stash.nbytes} bytes left")
             assert not (ex.inputs or ex.out_grads or ex.outputs or ex.in_grads), "buffers left"
     g, f = summaries["gpipe"], summaries["1f1b"]
     with checks.check("gpipe holds every microbatch"):
