@@ -149,11 +149,8 @@ class Request:
             _unstage(self.buf, self._staged)
         if self._stamp is not None:
             phase, step, microbatch = self._stamp
-            self.comm.tracer.record(
-                self._op, self.comm.group, self._peer, self.buf.nbytes, self.buf.dtype,
-                self.buf.shape, self._start, time.perf_counter(),
-                phase=phase, step=step, microbatch=microbatch,
-            )
+            self.comm._record(self._op, self.buf, self._peer, self._start,
+                              phase=phase, step=step, microbatch=microbatch)
 
 
 def wait_all(requests: Sequence[Request]) -> list[Any]:
@@ -227,10 +224,13 @@ class Comm:
     def _timed(self, op: str, buf: Any, peer: int | None) -> Iterator[None]:
         start = time.perf_counter()
         yield  # an exception in the call propagates and leaves no record
+        self._record(op, buf, None if peer is None else self.members[peer], start)
+
+    def _record(self, op: str, buf: Any, peer: int | None, start: float, **stamp: Any) -> None:
+        """One trace record, ending now; ``peer`` is a global rank, ``buf`` None for none."""
         nbytes, dtype, shape = (0, "", ()) if buf is None else (buf.nbytes, buf.dtype, buf.shape)
-        peer_global = None if peer is None else self.members[peer]
-        self.tracer.record(op, self.group, peer_global, nbytes, dtype, shape, start,
-                           time.perf_counter())
+        self.tracer.record(op, self.group, peer, nbytes, dtype, shape, start,
+                           time.perf_counter(), **stamp)
 
     def _launch_time(self) -> float:
         """When a non-blocking call starts (0.0 untraced: its record is never written)."""
