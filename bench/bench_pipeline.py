@@ -27,8 +27,8 @@ block, and the whole first round, are not measured: 20 measured steps per config
 default. Figures are medians over measured steps; a step's time is the slowest rank's.
 
 For each pipeline run: throughput and speedups; the measured bubble (per step,
-1 − busy_r / pipeline span, from the executor's compute spans, see ``mpipar.viz``; the median
-over steps, averaged over the ranks) against
+1 − busy_r / pipeline span, from the executor's compute spans, see
+``mpipar.parallel.pipeline.measure``; the median over steps, averaged over the ranks) against
 (p − 1)/(m + p − 1) = 1/9 (interleaved: (p − 1)/(v·m + p − 1) = 1/17); the peak bytes of
 activations each rank stashed; where each rank's step goes (forward and backward compute,
 idle inside the pipeline, the rest of the step: tied-gradient sum, gradient norm, optimizer);
@@ -153,24 +153,10 @@ def pipeline_figures(world: Comm, trainer: Trainer, times: list[float],
                                          tc.virtual_stages)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=6, help="rounds; the first is warm-up")
-    ap.add_argument("--block", type=int, default=5,
-                    help="consecutive steps of a configuration per round; the first is warm-up")
-    ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
-    args = ap.parse_args(argv)
-    if args.rounds < 2 or args.block < 2:
-        raise SystemExit("--rounds and --block must be at least 2 (their first is warm-up)")
-
-    world = Comm.world()
-    install_excepthook(world)
-    if world.size != 2:
-        raise SystemExit(f"run with mpirun -n 2 (got {world.size} processes)")
-    cfg, tc = medium()
+def build_trainers(world: Comm, cfg: GPTConfig, tc: TrainConfig
+                   ) -> tuple[dict[str, Trainer], Trainer, dict[str, Trainer]]:
+    """The 1-process trainers (alone, alone M=8), the side-by-side one and the pipelines."""
     data = random_dataset(200_000)
-    tokens = tc.batch_size * cfg.seq_len
-
     single = ProcessGrid.single()
     alone = {label: Trainer(cfg, replace(tc, microbatches=m), single, data, Tracer(0))
              for label, m in (("alone", 1), ("alone M=8", MICROBATCHES))}
@@ -181,7 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         grid = ProcessGrid.build(Comm.world(tracer), 1, 1, world.size)
         pipes[label] = Trainer(cfg, replace(tc, microbatches=MICROBATCHES, schedule=schedule,
                                             virtual_stages=v), grid, data, tracer)
+    return alone, side, pipes
 
+
+def run_rounds(world: Comm, args: argparse.Namespace, alone: dict[str, Trainer], side: Trainer,
+               pipes: dict[str, Trainer]) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Every configuration ``--block`` steps in turn, ``--rounds`` times (module docstring).
+
+    Returns the measured step times per configuration and, per pipeline, the indices of its
+    measured steps (to pick their records out of its trace).
+    """
     def step_of(label: str) -> Callable[[], float]:
         """One training step of configuration ``label``; returns the step time."""
         if label in alone:
@@ -203,21 +198,11 @@ def main(argv: list[str] | None = None) -> int:
                     times[label].append(t)
                     if label in pipes:
                         measured[label].append(index)
-    figures = {label: pipeline_figures(world, trainer, times[label], measured[label])
-               for label, trainer in pipes.items()}
-    n_measured = (args.rounds - 1) * (args.block - 1)
+    return times, measured
 
-    if world.rank != 0:
-        return 0
-    base = {label: tokens / statistics.median(times[label])
-            for label in ("alone", "alone M=8", "side by side")}
-    print(f"medium preset, global batch {tc.batch_size} × {cfg.seq_len} tokens, float32, AdamW, "
-          f"1 BLAS thread per rank; medians of {n_measured} steps per configuration, measured "
-          f"in {args.rounds - 1} rounds of {args.block - 1} after a warm-up step")
-    for label, tps in base.items():
-        note = " (each of 2)" if label == "side by side" else ""
-        print(f"1 process {label + ':':14} {tokens / tps * 1e3:8.1f} ms/step {tps:8.0f} "
-              f"tokens/s{note}")
+
+def print_throughput(figures: dict[str, dict], base: dict[str, float], tokens: int) -> dict:
+    """The table of pipeline runs against the baselines; returns the summary for ``--json``."""
     print(f"\npp=2, M={MICROBATCHES:<9} {'ms/step':>8} {'tokens/s':>9} {'vs alone':>9} "
           f"{'vs M=8':>7} {'vs side':>8} {'bubble':>8} {'theory':>7} {'per rank':>13}  "
           "peak stash per rank (in flight)")
@@ -235,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
                           "speedup_alone_m8": tps / base["alone M=8"],
                           "speedup_side_by_side": tps / base["side by side"],
                           "bubble_mean": mean}
+    return summary
+
+
+def print_time_split(figures: dict[str, dict]) -> None:
     print("\nwhere a step goes, per rank: median ms of compute + idle inside the pipeline + rest "
           "of the step;\nthe spread of identical forward spans (jitter); messages per step × the "
           "fastest one (ms)")
@@ -245,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         jitter = " ".join(f"{j:.0%}" for j in r["jitter"])
         msgs = " ".join(f"{m['per_step']:.0f}×{m['fastest_s'] * 1e3:.2f}" for m in r["messages"])
         print(f"{label:18} {parts}   jitter {jitter}   messages {msgs}")
+
+
+def print_targets(summary: dict) -> None:
+    """1F1B against the targets, and the stash GPipe and 1F1B hold."""
     one = summary["1f1b"]
     gap = abs(one["bubble_mean"] - one["theory"]) * 100
     print(f"\n1F1B: {one['speedup_alone']:.2f}× the 1-process throughput (target ≥ "
@@ -257,6 +250,43 @@ def main(argv: list[str] | None = None) -> int:
     print("peak stashed activations, GPipe → 1F1B: " + ", ".join(
         f"rank {i} {human_bytes(a['peak_stash_bytes'])} → {human_bytes(b['peak_stash_bytes'])}"
         for i, (a, b) in enumerate(zip(g, f, strict=True))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=6, help="rounds; the first is warm-up")
+    ap.add_argument("--block", type=int, default=5,
+                    help="consecutive steps of a configuration per round; the first is warm-up")
+    ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = ap.parse_args(argv)
+    if args.rounds < 2 or args.block < 2:
+        raise SystemExit("--rounds and --block must be at least 2 (their first is warm-up)")
+
+    world = Comm.world()
+    install_excepthook(world)
+    if world.size != 2:
+        raise SystemExit(f"run with mpirun -n 2 (got {world.size} processes)")
+    cfg, tc = medium()
+    tokens = tc.batch_size * cfg.seq_len
+    alone, side, pipes = build_trainers(world, cfg, tc)
+    times, measured = run_rounds(world, args, alone, side, pipes)
+    figures = {label: pipeline_figures(world, trainer, times[label], measured[label])
+               for label, trainer in pipes.items()}
+    if world.rank != 0:
+        return 0
+    n_measured = (args.rounds - 1) * (args.block - 1)
+    base = {label: tokens / statistics.median(times[label])
+            for label in ("alone", "alone M=8", "side by side")}
+    print(f"medium preset, global batch {tc.batch_size} × {cfg.seq_len} tokens, float32, AdamW, "
+          f"1 BLAS thread per rank; medians of {n_measured} steps per configuration, measured "
+          f"in {args.rounds - 1} rounds of {args.block - 1} after a warm-up step")
+    for label, tps in base.items():
+        note = " (each of 2)" if label == "side by side" else ""
+        print(f"1 process {label + ':':14} {tokens / tps * 1e3:8.1f} ms/step {tps:8.0f} "
+              f"tokens/s{note}")
+    summary = print_throughput(figures, base, tokens)
+    print_time_split(figures)
+    print_targets(summary)
     if args.json:
         print(json.dumps(summary))
     return 0

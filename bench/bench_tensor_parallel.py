@@ -21,7 +21,7 @@
    activations kept for backward. Those are computed from :func:`activation_bytes_formula`
    and, where this job can run the layout (tp = 1 and 2), also measured by walking the
    autograd graph of a real forward pass and adding up every distinct array saved for
-   backward (:func:`saved_activation_bytes`); the two columns must agree.
+   backward (:func:`mpipar.autograd.graph_nbytes`); the two columns must agree.
 
 One BLAS thread per rank is set before numpy is imported, as ``train.py`` does under MPI.
 """
@@ -42,7 +42,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from mpipar.autograd import Tensor  # noqa: E402
+from mpipar.autograd import graph_nbytes  # noqa: E402
 from mpipar.comm import Comm, install_excepthook  # noqa: E402
 from mpipar.data import CharTokenizer, Dataset, get_batch  # noqa: E402
 from mpipar.grid import ProcessGrid  # noqa: E402
@@ -75,31 +75,6 @@ def preset_config(name: str, dtype: str = "float32") -> tuple[GPTConfig, int]:
 # ---------------------------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------------------------
-def saved_activation_bytes(loss: Tensor, exclude: list[Any]) -> int:
-    """Bytes of the distinct arrays the autograd graph below ``loss`` keeps for backward.
-
-    Every node's ``ctx.saved`` arrays and array attributes of its ``ctx`` are counted once
-    per underlying buffer (views share their base), leaving out the ``exclude`` arrays (the
-    parameters, which exist whether or not a graph does).
-    """
-    skip = {id(a.base if a.base is not None else a) for a in exclude}
-    seen: dict[int, int] = {}
-    stack, visited = [loss], set()
-    while stack:
-        node = stack.pop()
-        if id(node) in visited or node._ctx is None:
-            continue
-        visited.add(id(node))
-        ctx = node._ctx
-        arrays = [a for a in (*ctx.saved, *vars(ctx).values()) if isinstance(a, np.ndarray)]
-        for a in arrays:
-            base = a.base if a.base is not None else a
-            if id(base) not in skip:
-                seen[id(base)] = base.nbytes
-        stack.extend(p for p in node._parents if p is not None)
-    return sum(seen.values())
-
-
 def activation_bytes_formula(cfg: GPTConfig, batch: int, tp: int, sp: bool) -> int:
     """Bytes that one rank's forward pass keeps for backward (no dropout), term by term.
 
@@ -151,7 +126,7 @@ def measured_activation_bytes(trainer: Trainer, cfg: GPTConfig, batch: int) -> i
     x, y = get_batch(trainer.data.train, batch, cfg.seq_len, 0, 0)
     model = trainer.chunks[0]
     loss = model(x, y)
-    return saved_activation_bytes(loss, [p.data for p in model.parameters()])
+    return graph_nbytes(loss, exclude=[p.data for p in model.parameters()])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +228,55 @@ def print_memory(rows: list[dict[str, Any]], cfg: GPTConfig, batch: int) -> None
               f"{meas_text} {r['activation_bytes'] / base:8.1%}")
 
 
+def throughput_figures(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict]:
+    """Medians per layout: step and CPU seconds, speedup, tp communication by phase."""
+    t1 = median(runs["tp1"], "step_time_s")
+    fig: dict[str, dict] = {"step_time_s": {}, "cpu_time_s": {}, "speedup": {},
+                            "tp_comm_s": {}}
+    for name, metrics in runs.items():
+        t = median(metrics, "step_time_s")
+        fig["step_time_s"][name] = t
+        fig["cpu_time_s"][name] = median(metrics, "cpu_s")
+        if name != "tp1":
+            fig["speedup"][name] = t1 / t
+            fig["tp_comm_s"][name] = {"forward": median(metrics, "tp_forward_s"),
+                                      "backward": median(metrics, "tp_backward_s")}
+    return fig
+
+
+def print_throughput(fig: dict[str, dict], tokens: int, load: tuple[float, float]) -> None:
+    t1, c1 = fig["step_time_s"]["tp1"], fig["cpu_time_s"]["tp1"]
+    print(f"{'layout':18} {'step ms':>8} {'tokens/s':>9} {'vs 1 proc':>9} {'cpu ms':>7} "
+          f"{'(ratio)':>8} {'tp comm ms':>11} {'fwd':>6} {'bwd':>6} {'share':>6}")
+    print(f"{'1 process':18} {t1 * 1e3:8.1f} {tokens / t1:9.0f} {1.0:8.2f}x {c1 * 1e3:7.1f} "
+          f"{1.0:7.2f}x")
+    for name, key in (("tp 2", "tp2"), ("tp 2 seq-parallel", "tp2_sp")):
+        t, c, r = fig["step_time_s"][key], fig["cpu_time_s"][key], fig["speedup"][key]
+        f, b = fig["tp_comm_s"][key]["forward"], fig["tp_comm_s"][key]["backward"]
+        print(f"{name:18} {t * 1e3:8.1f} {tokens / t:9.0f} {r:8.2f}x {c * 1e3:7.1f} "
+              f"{c1 / c:7.2f}x {(f + b) * 1e3:11.1f} {f * 1e3:6.1f} {b * 1e3:6.1f} "
+              f"{(f + b) / t:6.1%}")
+    print(f"cpu ms: rank 0's CPU time per step (MPI's busy waiting included), roughly what "
+          f"the step takes when each rank has a core of its own. Load average "
+          f"{load[0]:.1f} before, {load[1]:.1f} after: above ~2 on 2 cores, other "
+          f"programs shared the cores, and the wall-clock figures are suspect.")
+    ratio = fig["speedup"]["tp2"]
+    verdict = "meets" if ratio >= TARGET else "misses"
+    print(f"tp 2 runs at {ratio:.2f}x the 1-process throughput: {verdict} the {TARGET}x target")
+
+
+def memory_only(world: Comm, cfg: GPTConfig, batch: int, data: Dataset) -> None:
+    """The memory table with activations measured for tp = 1 and tp = 2 (with and without
+    sequence parallelism)."""
+    act1 = measured_activation_bytes(serial_trainer(cfg, batch, data, 1), cfg, batch)
+    measured = {(1, False): act1}
+    for sp in (False, True):
+        trainer = tp_trainer(world, cfg, batch, data, 1, sp)
+        measured[(2, sp)] = measured_activation_bytes(trainer, cfg, batch)
+    if world.rank == 0:
+        print_memory(memory_table(cfg, batch, measured), cfg, batch)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="medium")
@@ -276,61 +300,26 @@ def main(argv: list[str] | None = None) -> int:
     world.tracer.rank = world.rank
     data = random_dataset(400_000)
     if args.memory_only:
-        act1 = measured_activation_bytes(serial_trainer(cfg, batch, data, 1), cfg, batch)
-        measured = {(1, False): act1}
-        for sp in (False, True):
-            trainer = tp_trainer(world, cfg, batch, data, 1, sp)
-            measured[(2, sp)] = measured_activation_bytes(trainer, cfg, batch)
-        if world.rank == 0:
-            print_memory(memory_table(cfg, batch, measured), cfg, batch)
+        memory_only(world, cfg, batch, data)
         return 0
 
     load_before = os.getloadavg()[0]
     runs, acts = interleaved_runs(world, cfg, batch, data, args.warmup, args.steps)
     if world.rank != 0:
         return 0
-    serial, tp2, tp2sp = runs["tp1"], runs["tp2"], runs["tp2_sp"]
-    act1, act2, act2sp = acts["tp1"], acts["tp2"], acts["tp2_sp"]
-
-    tokens = batch * cfg.seq_len
-    t1, t2, t2sp = (median(m, "step_time_s") for m in (serial, tp2, tp2sp))
-    ratio, ratio_sp = t1 / t2, t1 / t2sp
-    fwd, bwd = median(tp2, "tp_forward_s"), median(tp2, "tp_backward_s")
-    fwd_sp, bwd_sp = median(tp2sp, "tp_forward_s"), median(tp2sp, "tp_backward_s")
-    rows = memory_table(cfg, batch, {(1, False): act1, (2, False): act2, (2, True): act2sp})
-
+    fig = throughput_figures(runs)
+    rows = memory_table(cfg, batch, {(1, False): acts["tp1"], (2, False): acts["tp2"],
+                                     (2, True): acts["tp2_sp"]})
     print(f"tensor parallelism, preset {args.preset} (vocab {VOCAB}, batch {batch}, "
           f"{cfg.dtype}, AdamW), 1 BLAS thread per rank; medians of {args.steps} steps after "
           f"{args.warmup} warm-up, the layouts taking turns step by step")
-    load_after = os.getloadavg()[0]
-    c1, c2, c2sp = (median(m, "cpu_s") for m in (serial, tp2, tp2sp))
-    print(f"{'layout':18} {'step ms':>8} {'tokens/s':>9} {'vs 1 proc':>9} {'cpu ms':>7} "
-          f"{'(ratio)':>8} {'tp comm ms':>11} {'fwd':>6} {'bwd':>6} {'share':>6}")
-    print(f"{'1 process':18} {t1 * 1e3:8.1f} {tokens / t1:9.0f} {1.0:8.2f}x {c1 * 1e3:7.1f} "
-          f"{1.0:7.2f}x")
-    for name, t, c, r, f, b in (("tp 2", t2, c2, ratio, fwd, bwd),
-                                ("tp 2 seq-parallel", t2sp, c2sp, ratio_sp, fwd_sp, bwd_sp)):
-        print(f"{name:18} {t * 1e3:8.1f} {tokens / t:9.0f} {r:8.2f}x {c * 1e3:7.1f} "
-              f"{c1 / c:7.2f}x {(f + b) * 1e3:11.1f} {f * 1e3:6.1f} {b * 1e3:6.1f} "
-              f"{(f + b) / t:6.1%}")
-    print(f"cpu ms: rank 0's CPU time per step (MPI's busy waiting included), roughly what "
-          f"the step takes when each rank has a core of its own. Load average "
-          f"{load_before:.1f} before, {load_after:.1f} after: above ~2 on 2 cores, other "
-          f"programs shared the cores, and the wall-clock figures are suspect.")
-    verdict = "meets" if ratio >= TARGET else "misses"
-    print(f"tp 2 runs at {ratio:.2f}x the 1-process throughput: {verdict} the {TARGET}x target")
+    load = (load_before, os.getloadavg()[0])
+    print_throughput(fig, batch * cfg.seq_len, load)
     print()
     print_memory(rows, cfg, batch)
     if args.json:
-        print(json.dumps({
-            "preset": args.preset, "batch_size": batch, "steps": args.steps,
-            "step_time_s": {"tp1": t1, "tp2": t2, "tp2_sp": t2sp},
-            "cpu_time_s": {"tp1": c1, "tp2": c2, "tp2_sp": c2sp},
-            "load_average": [load_before, load_after],
-            "speedup": {"tp2": ratio, "tp2_sp": ratio_sp},
-            "tp_comm_s": {"tp2": {"forward": fwd, "backward": bwd},
-                          "tp2_sp": {"forward": fwd_sp, "backward": bwd_sp}},
-            "memory": rows}))
+        print(json.dumps({"preset": args.preset, "batch_size": batch, "steps": args.steps,
+                          **fig, "load_average": list(load), "memory": rows}))
     return 0
 
 

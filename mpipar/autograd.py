@@ -21,7 +21,7 @@ communicating a bucket of gradients while the rest of the backward pass is still
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from mpipar.backend import array_module, get_xp
@@ -99,6 +99,17 @@ class Tensor:
     @property
     def is_leaf(self) -> bool:
         return self._fn is None
+
+    @property
+    def fn(self) -> type[Function] | None:
+        """The Function that produced this tensor (None for a leaf)."""
+        return self._fn
+
+    @property
+    def parents(self) -> tuple[Tensor, ...]:
+        """The tensors this one was computed from (empty for a leaf, and once backward has
+        freed the graph behind it)."""
+        return self._parents
 
     def item(self) -> float:
         return float(self.data)
@@ -238,7 +249,7 @@ class Function:
         return out
 
 
-def _topological_order(root: Tensor) -> list[Tensor]:
+def topological_order(root: Tensor) -> list[Tensor]:
     """Tensors reachable from ``root`` that need a gradient, inputs before outputs."""
     order: list[Tensor] = []
     visited: set[int] = set()
@@ -262,10 +273,60 @@ def _topological_order(root: Tensor) -> list[Tensor]:
     return order
 
 
-def _root(a: Any) -> int:
-    """Identity of the memory an array lives in (views share their base's identity)."""
+_topological_order = topological_order  # an older name, still imported by a tutorial example
+
+
+# ---- what backward keeps ----------------------------------------------------------------------
+
+
+def memory_root(a: Any) -> Any:
+    """The array that owns the memory ``a`` lives in: its ``base`` for a view, else ``a``.
+
+    Two arrays share memory exactly when their roots are the same object, so memory is
+    counted, or told apart, by ``id(memory_root(a))``.
+    """
     base = getattr(a, "base", None)
-    return id(base if base is not None else a)
+    return base if base is not None else a
+
+
+def saved_arrays(root: Tensor) -> list[Any]:
+    """Every array the graph behind ``root`` keeps for backward, each block of memory once.
+
+    That is what each node's ``Context`` holds: the ``save_for_backward`` arrays and any
+    array attribute (an index, a mask). Each is returned as its `memory_root`, so a view
+    and its base count once, with the base's size. Leaves (parameters, inputs) are not
+    included unless a Function saved them.
+    """
+    blocks: dict[int, Any] = {}
+    visited: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        ctx = node._ctx
+        if ctx is not None:
+            for a in (*ctx.saved, *vars(ctx).values()):
+                if hasattr(a, "nbytes"):
+                    owner = memory_root(a)
+                    blocks.setdefault(id(owner), owner)
+        stack.extend(node._parents)
+    return list(blocks.values())
+
+
+def graph_nbytes(root: Tensor, exclude: Iterable[Any] = ()) -> int:
+    """Bytes the graph behind ``root`` keeps alive for backward (`saved_arrays`), leaving
+    out memory shared with any ``exclude`` array (e.g. the parameters, which exist anyway)."""
+    skip = {id(memory_root(a)) for a in exclude}
+    return sum(int(a.nbytes) for a in saved_arrays(root) if id(a) not in skip)
+
+
+# ---- the backward pass --------------------------------------------------------------------
+
+
+def _memory_id(a: Any) -> int:
+    return id(memory_root(a))
 
 
 def run_backward(root: Tensor, grad: Any) -> None:
@@ -280,7 +341,7 @@ def run_backward(root: Tensor, grad: Any) -> None:
         raise RuntimeError("backward() on a tensor that does not require a gradient")
     grads: dict[int, list] = {id(root): [grad, False]}  # id -> [array, owned by us?]
     # Memory already stored as some leaf's .grad in this pass (and the caller's own array).
-    leaf_memory: set[int] = {_root(grad)}
+    leaf_memory: set[int] = {_memory_id(grad)}
 
     def accumulate(tensor: Tensor, g: Any) -> None:
         slot = grads.get(id(tensor))
@@ -292,7 +353,7 @@ def run_backward(root: Tensor, grad: Any) -> None:
             slot[0] = slot[0] + g
             slot[1] = True
 
-    for node in reversed(_topological_order(root)):
+    for node in reversed(topological_order(root)):
         slot = grads.pop(id(node), None)
         if slot is None:
             continue
@@ -305,7 +366,7 @@ def run_backward(root: Tensor, grad: Any) -> None:
                 if not (slot[1] or _shares_nothing(g, leaf_memory, grads)):
                     g = g.copy()
                 node.grad = g
-                leaf_memory.add(_root(g))
+                leaf_memory.add(_memory_id(g))
             else:
                 node.grad += g
             for hook in node._hooks:
@@ -331,8 +392,8 @@ def run_backward(root: Tensor, grad: Any) -> None:
 
 def _shares_nothing(g: Any, leaf_memory: set[int], grads: dict[int, list]) -> bool:
     """True when neither a pending gradient nor a stored leaf gradient shares ``g``'s memory."""
-    r = _root(g)
-    return r not in leaf_memory and not any(_root(s[0]) == r for s in grads.values())
+    r = _memory_id(g)
+    return r not in leaf_memory and not any(_memory_id(s[0]) == r for s in grads.values())
 
 
 from mpipar import ops  # noqa: E402  (ops needs Tensor and Function defined above)

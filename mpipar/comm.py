@@ -28,16 +28,18 @@ received data is copied back to the device. An MPI built with CUDA support can r
 memory directly; set the environment variable ``MPIPAR_CUDA_AWARE_MPI=1`` to skip the host
 copies (the device is then synchronised before each call, since MPI does not see CUDA streams).
 
-This module and :mod:`mpipar.grid` are the only ones that import mpi4py.
+This is the only module that imports mpi4py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -50,6 +52,7 @@ CUDA_AWARE_ENV = "MPIPAR_CUDA_AWARE_MPI"
 
 # Reductions are named by string at call sites ("sum") and looked up here, once.
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+_UNTRACED = contextlib.nullcontext()  # what ``Comm._traced`` returns with tracing off
 
 
 def _mpi_op(op: str) -> MPI.Op:
@@ -146,11 +149,8 @@ class Request:
             _unstage(self.buf, self._staged)
         if self._stamp is not None:
             phase, step, microbatch = self._stamp
-            self.comm.tracer.record(
-                self._op, self.comm.group, self._peer, self.buf.nbytes, self.buf.dtype,
-                self.buf.shape, self._start, time.perf_counter(),
-                phase=phase, step=step, microbatch=microbatch,
-            )
+            self.comm._record(self._op, self.buf, self._peer, self._start,
+                              phase=phase, step=step, microbatch=microbatch)
 
 
 def wait_all(requests: Sequence[Request]) -> list[Any]:
@@ -170,6 +170,10 @@ class Comm:
     lists the global rank of each group rank, so ``members[self.rank]`` is the global rank.
     Point-to-point ``dest``/``source`` arguments are ranks *in this group*; trace records
     translate them to global ranks.
+
+    Every data method has the same three steps inside one traced block: stage the buffers
+    (a host copy of a GPU array, see the module docstring), make the one MPI call, copy what
+    was received back (unstage).
     """
 
     def __init__(self, mpi_comm: MPI.Comm, group: str, tracer: Tracer | None = None) -> None:
@@ -191,16 +195,46 @@ class Comm:
         """All processes of the job (``MPI.COMM_WORLD``), group name ``"world"``."""
         return cls(MPI.COMM_WORLD, "world", tracer)
 
+    @classmethod
+    def self_group(cls, group: str, tracer: Tracer | None = None) -> Comm:
+        """This process alone (``MPI.COMM_SELF``), named ``group``.
+
+        Making it needs no collective call, so it works inside a larger job too (a 1-process
+        reference computed on one rank, a 1 × 1 × 1 grid).
+        """
+        return cls(MPI.COMM_SELF, group, tracer)
+
     def __repr__(self) -> str:
         return (
             f"Comm(group={self.group!r}, rank={self.rank}, size={self.size}, "
             f"members={self.members})"
         )
 
-    def _trace(self, op: str, peer: int | None, buf: Any, start: float) -> None:
-        self.tracer.record(
-            op, self.group, peer, buf.nbytes, buf.dtype, buf.shape, start, time.perf_counter()
-        )
+    # ---- tracing -----------------------------------------------------------------------
+
+    def _traced(self, op: str, buf: Any, peer: int | None = None) -> AbstractContextManager:
+        """Record the ``with`` body as one ``op`` call of ``buf``'s bytes, to group rank
+        ``peer`` (None for a collective). With tracing off this is a shared no-op context:
+        the clock is never read."""
+        if not self.tracer.enabled:
+            return _UNTRACED
+        return self._timed(op, buf, peer)
+
+    @contextlib.contextmanager
+    def _timed(self, op: str, buf: Any, peer: int | None) -> Iterator[None]:
+        start = time.perf_counter()
+        yield  # an exception in the call propagates and leaves no record
+        self._record(op, buf, None if peer is None else self.members[peer], start)
+
+    def _record(self, op: str, buf: Any, peer: int | None, start: float, **stamp: Any) -> None:
+        """One trace record, ending now; ``peer`` is a global rank, ``buf`` None for none."""
+        nbytes, dtype, shape = (0, "", ()) if buf is None else (buf.nbytes, buf.dtype, buf.shape)
+        self.tracer.record(op, self.group, peer, nbytes, dtype, shape, start,
+                           time.perf_counter(), **stamp)
+
+    def _launch_time(self) -> float:
+        """When a non-blocking call starts (0.0 untraced: its record is never written)."""
+        return time.perf_counter() if self.tracer.enabled else 0.0
 
     # ---- collectives -------------------------------------------------------------------
 
@@ -210,23 +244,20 @@ class Comm:
         Returns the array holding the result. Every rank must pass the same shape and dtype.
         """
         mpi_op = _mpi_op(op)
-        start = time.perf_counter() if self.tracer.enabled else 0.0
-        send = _staged(buf, copy_in=True)
         if out is None:
-            self.mpi.Allreduce(MPI.IN_PLACE, send, op=mpi_op)
-            _unstage(buf, send)
-            result = buf
-        else:
-            _check_same(buf, out, "allreduce")
-            if out.size != buf.size:
-                raise ValueError(f"allreduce: out has {out.size} elements, buf {buf.size}")
-            recv = _staged(out, copy_in=False)
+            with self._traced("allreduce", buf):
+                staged = _staged(buf, copy_in=True)
+                self.mpi.Allreduce(MPI.IN_PLACE, staged, op=mpi_op)
+                _unstage(buf, staged)
+            return buf
+        _check_same(buf, out, "allreduce")
+        if out.size != buf.size:
+            raise ValueError(f"allreduce: out has {out.size} elements, buf {buf.size}")
+        with self._traced("allreduce", buf):
+            send, recv = _staged(buf, copy_in=True), _staged(out, copy_in=False)
             self.mpi.Allreduce(send, recv, op=mpi_op)
             _unstage(out, recv)
-            result = out
-        if self.tracer.enabled:
-            self._trace("allreduce", None, buf, start)
-        return result
+        return out
 
     def reduce_scatter(self, send: Any, recv: Any, op: str = "sum") -> Any:
         """``recv = op over ranks of send.reshape(size, -1)[self.rank]`` (equal blocks).
@@ -241,12 +272,10 @@ class Comm:
             )
         _check_same(send, recv, "reduce_scatter")
         mpi_op = _mpi_op(op)
-        start = time.perf_counter() if self.tracer.enabled else 0.0
-        s, r = _staged(send, copy_in=True), _staged(recv, copy_in=False)
-        self.mpi.Reduce_scatter_block(s, r, op=mpi_op)
-        _unstage(recv, r)
-        if self.tracer.enabled:
-            self._trace("reduce_scatter", None, send, start)
+        with self._traced("reduce_scatter", send):
+            s, r = _staged(send, copy_in=True), _staged(recv, copy_in=False)
+            self.mpi.Reduce_scatter_block(s, r, op=mpi_op)
+            _unstage(recv, r)
         return recv
 
     def allgather(self, send: Any, recv: Any) -> Any:
@@ -257,48 +286,38 @@ class Comm:
                 f"× send {send.size} = {self.size * send.size}"
             )
         _check_same(send, recv, "allgather")
-        start = time.perf_counter() if self.tracer.enabled else 0.0
-        s, r = _staged(send, copy_in=True), _staged(recv, copy_in=False)
-        self.mpi.Allgather(s, r)
-        _unstage(recv, r)
-        if self.tracer.enabled:
-            self._trace("allgather", None, send, start)
+        with self._traced("allgather", send):
+            s, r = _staged(send, copy_in=True), _staged(recv, copy_in=False)
+            self.mpi.Allgather(s, r)
+            _unstage(recv, r)
         return recv
 
     def broadcast(self, buf: Any, root: int = 0) -> Any:
         """Copy ``root``'s ``buf`` into every rank's ``buf`` (in place); returns ``buf``."""
-        start = time.perf_counter() if self.tracer.enabled else 0.0
-        staged = _staged(buf, copy_in=self.rank == root)
-        self.mpi.Bcast(staged, root=root)
-        _unstage(buf, staged)
-        if self.tracer.enabled:
-            self._trace("broadcast", None, buf, start)
+        with self._traced("broadcast", buf):
+            staged = _staged(buf, copy_in=self.rank == root)
+            self.mpi.Bcast(staged, root=root)
+            _unstage(buf, staged)
         return buf
 
     def barrier(self) -> None:
         """Block until every rank of the group has arrived (traced with 0 bytes)."""
-        start = time.perf_counter() if self.tracer.enabled else 0.0
-        self.mpi.Barrier()
-        if self.tracer.enabled:
-            self.tracer.record("barrier", self.group, None, 0, "", (), start, time.perf_counter())
+        with self._traced("barrier", None):
+            self.mpi.Barrier()
 
     # ---- point to point ----------------------------------------------------------------
 
     def send(self, buf: Any, dest: int, tag: int = 0) -> None:
         """Blocking send to group rank ``dest`` (may wait until ``dest`` posts its receive)."""
-        start = time.perf_counter() if self.tracer.enabled else 0.0
-        self.mpi.Send(_staged(buf, copy_in=True), dest=dest, tag=tag)
-        if self.tracer.enabled:
-            self._trace("send", self.members[dest], buf, start)
+        with self._traced("send", buf, dest):
+            self.mpi.Send(_staged(buf, copy_in=True), dest=dest, tag=tag)
 
     def recv(self, buf: Any, source: int, tag: int = 0) -> Any:
         """Blocking receive from group rank ``source`` into ``buf``; returns ``buf``."""
-        start = time.perf_counter() if self.tracer.enabled else 0.0
-        staged = _staged(buf, copy_in=False)
-        self.mpi.Recv(staged, source=source, tag=tag)
-        _unstage(buf, staged)
-        if self.tracer.enabled:
-            self._trace("recv", self.members[source], buf, start)
+        with self._traced("recv", buf, source):
+            staged = _staged(buf, copy_in=False)
+            self.mpi.Recv(staged, source=source, tag=tag)
+            _unstage(buf, staged)
         return buf
 
     def sendrecv(
@@ -316,26 +335,24 @@ class Comm:
         (two blocking ``send`` s facing each other can). Traced with ``peer`` = ``dest`` and
         the bytes sent. Returns ``recvbuf``.
         """
-        start = time.perf_counter() if self.tracer.enabled else 0.0
-        s, r = _staged(sendbuf, copy_in=True), _staged(recvbuf, copy_in=False)
-        self.mpi.Sendrecv(s, dest, sendtag, r, source, recvtag)
-        _unstage(recvbuf, r)
-        if self.tracer.enabled:
-            self._trace("sendrecv", self.members[dest], sendbuf, start)
+        with self._traced("sendrecv", sendbuf, dest):
+            s, r = _staged(sendbuf, copy_in=True), _staged(recvbuf, copy_in=False)
+            self.mpi.Sendrecv(s, dest, sendtag, r, source, recvtag)
+            _unstage(recvbuf, r)
         return recvbuf
 
     # ---- non-blocking ------------------------------------------------------------------
 
     def isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
         """Start sending ``buf`` to ``dest``; don't modify ``buf`` before ``wait``."""
-        start = time.perf_counter() if self.tracer.enabled else 0.0
+        start = self._launch_time()
         staged = _staged(buf, copy_in=True)
         req = self.mpi.Isend(staged, dest=dest, tag=tag)
         return Request(self, req, "isend", self.members[dest], buf, staged, False, start)
 
     def irecv(self, buf: Any, source: int, tag: int = 0) -> Request:
         """Start receiving into ``buf`` from ``source``; ``buf`` holds the data after ``wait``."""
-        start = time.perf_counter() if self.tracer.enabled else 0.0
+        start = self._launch_time()
         staged = _staged(buf, copy_in=False)
         req = self.mpi.Irecv(staged, source=source, tag=tag)
         return Request(self, req, "irecv", self.members[source], buf, staged, True, start)
@@ -343,7 +360,7 @@ class Comm:
     def iallreduce(self, buf: Any, op: str = "sum") -> Request:
         """Start an in-place all-reduce of ``buf``; the result is there after ``wait``."""
         mpi_op = _mpi_op(op)
-        start = time.perf_counter() if self.tracer.enabled else 0.0
+        start = self._launch_time()
         staged = _staged(buf, copy_in=True)
         req = self.mpi.Iallreduce(MPI.IN_PLACE, staged, op=mpi_op)
         return Request(self, req, "iallreduce", None, buf, staged, True, start)

@@ -28,9 +28,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mpi4py import MPI
-
-from mpipar.comm import Comm
+from mpipar.comm import Comm, world_size_and_rank
 from mpipar.trace import Tracer
 
 SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved")
@@ -116,7 +114,17 @@ def validate_layout(
     problems = [f"{flag} must be at least 1, got {v}" for flag, v in sizes.items() if v < 1]
     if problems:  # the arithmetic below would divide by them
         _raise(problems)
+    problems += _grid_problems(world_size, dp, tp, pp, batch_size, microbatches)
+    problems += _shape_problems(tp, pp, virtual_stages, n_layer, n_head, d_model)
+    problems += _schedule_problems(schedule, pp, microbatches, virtual_stages)
+    problems += _option_problems(tp, sequence_parallel, seq_len, zero)
+    if problems:
+        _raise(problems)
 
+
+def _grid_problems(world_size: int, dp: int, tp: int, pp: int, batch_size: int,
+                   microbatches: int) -> list[str]:
+    problems = []
     if world_size != dp * tp * pp:
         problems.append(
             f"world size {world_size} != --dp {dp} × --tp {tp} × --pp {pp} = {dp * tp * pp}"
@@ -126,6 +134,12 @@ def validate_layout(
             f"--batch-size {batch_size} is not divisible by --dp {dp} × --microbatches "
             f"{microbatches} = {dp * microbatches} (every microbatch must have the same size)"
         )
+    return problems
+
+
+def _shape_problems(tp: int, pp: int, virtual_stages: int, n_layer: int, n_head: int,
+                    d_model: int) -> list[str]:
+    problems = []
     if d_model % n_head != 0:
         problems.append(f"--d-model {d_model} is not divisible by --n-head {n_head}")
     if n_head % tp != 0:
@@ -139,23 +153,34 @@ def validate_layout(
             f"--n-layer {n_layer} gives fewer layers than stages: --pp {pp} × "
             f"--virtual-stages {virtual_stages} = {pp * virtual_stages} model chunks"
         )
+    return problems
+
+
+def _schedule_problems(schedule: str, pp: int, microbatches: int,
+                       virtual_stages: int) -> list[str]:
     if schedule not in SCHEDULES:
-        problems.append(f"--schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
-    elif schedule == "interleaved":
-        if virtual_stages < 2:
-            problems.append(
-                f"--schedule interleaved needs --virtual-stages >= 2, got {virtual_stages}"
-            )
-        if microbatches % pp != 0:
-            problems.append(
-                f"--schedule interleaved needs --microbatches {microbatches} divisible by "
-                f"--pp {pp}"
-            )
-    elif virtual_stages != 1:
+        return [f"--schedule {schedule!r} is not one of {', '.join(SCHEDULES)}"]
+    if schedule != "interleaved":
+        if virtual_stages == 1:
+            return []
+        return [f"--virtual-stages {virtual_stages} needs --schedule interleaved "
+                f"(--schedule {schedule} runs one model chunk per rank)"]
+    problems = []
+    if virtual_stages < 2:
         problems.append(
-            f"--virtual-stages {virtual_stages} needs --schedule interleaved "
-            f"(--schedule {schedule} runs one model chunk per rank)"
+            f"--schedule interleaved needs --virtual-stages >= 2, got {virtual_stages}"
         )
+    if microbatches % pp != 0:
+        problems.append(
+            f"--schedule interleaved needs --microbatches {microbatches} divisible by "
+            f"--pp {pp}"
+        )
+    return problems
+
+
+def _option_problems(tp: int, sequence_parallel: bool, seq_len: int | None,
+                     zero: int) -> list[str]:
+    problems = []
     if sequence_parallel and tp > 1:
         if seq_len is None:
             problems.append("--sequence-parallel needs the sequence length (--seq-len)")
@@ -165,8 +190,7 @@ def validate_layout(
             )
     if zero not in ZERO_STAGES:
         problems.append(f"--zero {zero} is not one of 0, 1, 2")
-    if problems:
-        _raise(problems)
+    return problems
 
 
 def _raise(problems: list[str]) -> None:
@@ -263,15 +287,15 @@ class ProcessGrid:
 
     @classmethod
     def single(cls, tracer: Tracer | None = None) -> ProcessGrid:
-        """A 1 × 1 × 1 grid of this process alone (every group is ``MPI.COMM_SELF``).
+        """A 1 × 1 × 1 grid of this process alone (every group is ``Comm.self_group``).
 
         Needs no collective call, so it also works inside a larger job, e.g. to compute a
         serial reference on one rank.
         """
         if tracer is None:
-            tracer = Tracer(MPI.COMM_WORLD.Get_rank())
+            tracer = Tracer(world_size_and_rank()[1])
         world, dp_comm, tp_comm, pp_comm = (
-            Comm(MPI.COMM_SELF, name, tracer) for name in ("world", "dp", "tp", "pp")
+            Comm.self_group(name, tracer) for name in ("world", "dp", "tp", "pp")
         )
         return cls(world, dp_comm, tp_comm, pp_comm, None, 1, 1, 1, 0, 0, 0)
 

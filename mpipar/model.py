@@ -10,6 +10,11 @@ comes from a ``layers`` object: ``SerialLayers`` here, a tensor-parallel one els
 same methods (column-/row-parallel linears, vocab-parallel embedding and loss). A pipeline
 stage builds only its share: ``first_layer``..``last_layer`` and, on the first and last
 stage, the embedding (``pre``) and the final norm and head (``post``).
+
+Each forward pass first asks the layers how it holds the sequence axis of the residual
+stream, a :class:`SequenceLayout` (the whole sequence here; one piece per rank under sequence
+parallelism), and passes it down to every block and linear layer with the activations. The
+layers object itself keeps no state of a forward pass.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ class GPTConfig:
         return replace(self, **changes)
 
 
-# DESIGN.md §2 presets: model shape and the default global batch size (sequences).
+# docs/design.md §2 presets: model shape and the default global batch size (sequences).
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(n_layer=4, n_head=4, d_model=64, seq_len=32, batch_size=8),
     "small": dict(n_layer=2, n_head=4, d_model=128, seq_len=64, batch_size=16),
@@ -83,21 +88,60 @@ def residual_std(n_layer: int) -> float:
     return 0.02 / math.sqrt(2 * n_layer)
 
 
+@dataclass(frozen=True)
+class SequenceLayout:
+    """How one forward pass holds the sequence axis of the residual stream (B, T, d).
+
+    ``length`` is T, the whole sequence; ``parts`` the number of pieces it is cut into between
+    the embedding and the head (the tensor-parallel size under sequence parallelism, else 1);
+    ``index`` this rank's piece as an index of the sequence axis (empty: all of it), so a
+    dropout mask drawn for the whole sequence can be sliced to match the 1-process model.
+    """
+
+    length: int
+    parts: int = 1
+    index: tuple = ()
+
+    @property
+    def split(self) -> bool:
+        """Whether the blocks see one piece of the sequence rather than all of it."""
+        return self.parts > 1
+
+    @property
+    def local_length(self) -> int:
+        """Positions of the sequence this rank holds between embedding and head: T / parts."""
+        return self.length // self.parts
+
+
+class SerialLinear(Linear):
+    """``Linear`` called the way the GPT calls all its linears, ``(x, layout)``.
+
+    It acts on every position alone, so how the sequence is laid out changes nothing and the
+    layout may be left out; the tensor-parallel linears need it to choose their communication.
+    """
+
+    def forward(self, x: Tensor, layout: SequenceLayout | None = None) -> Tensor:
+        return super().forward(x)
+
+
 class SerialLayers:
     """Layer choices for the 1-process model; tensor parallelism supplies parallel versions.
 
     ``column_linear`` maps the replicated input to an output a tensor-parallel rank would hold a
     slice of (columns); ``row_linear`` maps such a slice back to a full, replicated output.
-    ``seq_index`` and ``head_index`` say which part of a full activation this rank holds
-    (empty here: all of it), so dropout masks can be sliced to match the 1-process model.
+    ``head_index`` and the ``index`` of a :class:`SequenceLayout` say which part of a full
+    activation this rank holds (empty here: all of it), so dropout masks can be sliced to
+    match the 1-process model.
     """
 
     tp_size = 1
-    seq_parts = 1  # into how many pieces the sequence axis is split between blocks
-    seq_index: tuple = ()  # which piece this rank holds, as an index (empty: all)
 
     def __init__(self, dtype: Any = np.float32) -> None:
         self.dtype = dtype
+
+    def sequence_layout(self, length: int) -> SequenceLayout:
+        """A forward pass over sequences of ``length`` tokens holds all of them."""
+        return SequenceLayout(length)
 
     def head_index(self, n_head: int) -> tuple:
         return ()
@@ -106,27 +150,28 @@ class SerialLayers:
         return n_head
 
     def column_linear(self, d_in: int, d_out: int, std: float, *, qkv: bool = False) -> Module:
-        return Linear(d_in, d_out, std=std, dtype=self.dtype)
+        return SerialLinear(d_in, d_out, std=std, dtype=self.dtype)
 
     def row_linear(self, d_in: int, d_out: int, std: float) -> Module:
-        return Linear(d_in, d_out, std=std, dtype=self.dtype)
+        return SerialLinear(d_in, d_out, std=std, dtype=self.dtype)
 
     def token_embedding(self, vocab_size: int, d_model: int) -> Module:
         return Embedding(vocab_size, d_model, dtype=self.dtype)
 
-    def enter_blocks(self, x: Tensor) -> Tensor:
+    def enter_blocks(self, x: Tensor, layout: SequenceLayout) -> Tensor:
         """Between the embedding and the first block (sequence parallelism splits here)."""
         return x
 
-    def exit_blocks(self, x: Tensor) -> Tensor:
+    def exit_blocks(self, x: Tensor, layout: SequenceLayout) -> Tensor:
         """Between the final LayerNorm and the head (sequence parallelism gathers here)."""
         return x
 
-    def lm_loss(self, h: Tensor, wte: Parameter, targets: Any) -> Tensor:
+    def lm_loss(self, h: Tensor, wte: Parameter, targets: Any,
+                layout: SequenceLayout) -> Tensor:
         """Mean cross-entropy of the tied head: logits = h · wteᵀ, (B, T, V)."""
         return ops.cross_entropy(ops.linear(h, wte), targets)
 
-    def lm_logits(self, h: Tensor, wte: Parameter) -> Tensor:
+    def lm_logits(self, h: Tensor, wte: Parameter, layout: SequenceLayout) -> Tensor:
         """Full logits (B, T, V) for generation."""
         return ops.linear(h, wte)
 
@@ -143,8 +188,9 @@ class CausalSelfAttention(Module):
         self.proj = layers.row_linear(d, d, residual_std(cfg.n_layer))
         self.attn_drop = Dropout(cfg.dropout, site)
 
-    def forward(self, x: Tensor, key: DropoutKey | None = None) -> Tensor:
-        qkv = self.qkv(x)  # (B, T, 3·C_local)
+    def forward(self, x: Tensor, layout: SequenceLayout,
+                key: DropoutKey | None = None) -> Tensor:
+        qkv = self.qkv(x, layout)  # (B, T, 3·C_local)
         mask = None
         if self.attn_drop.active(key):
             b, t = x.shape[0], qkv.shape[1]
@@ -155,7 +201,7 @@ class CausalSelfAttention(Module):
             mask = mask.astype(qkv.dtype, copy=False)
             assert mask.shape[0] == b
         y = ops.causal_attention(qkv, self.n_local_heads, mask)  # (B, T, C_local)
-        return self.proj(y)
+        return self.proj(y, layout)
 
 
 class MLP(Module):
@@ -166,20 +212,20 @@ class MLP(Module):
         self.fc = layers.column_linear(d, 4 * d, 0.02)
         self.proj = layers.row_linear(4 * d, d, residual_std(cfg.n_layer))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(ops.gelu(self.fc(x)))
+    def forward(self, x: Tensor, layout: SequenceLayout) -> Tensor:
+        return self.proj(ops.gelu(self.fc(x, layout)), layout)
 
 
 def residual_dropout(drop: Dropout, x: Tensor, key: DropoutKey | None,
-                     layers: SerialLayers) -> Tensor:
+                     layout: SequenceLayout) -> Tensor:
     """Dropout on a (B, T, d) activation of the residual stream, masked as the serial model.
 
-    Under sequence parallelism x holds one of ``layers.seq_parts`` pieces of the sequence.
+    Under sequence parallelism x holds piece ``layout.index`` of ``layout.parts``.
     """
     if not drop.active(key):
         return x
-    full = (key.global_batch, x.shape[1] * layers.seq_parts, *x.shape[2:])
-    mask = drop.mask_from_full(key, full, layers.seq_index)
+    full = (key.global_batch, x.shape[1] * layout.parts, *x.shape[2:])
+    mask = drop.mask_from_full(key, full, layout.index)
     return ops.dropout(x, mask.astype(x.dtype, copy=False))
 
 
@@ -193,11 +239,12 @@ class Block(Module):
         self.mlp = MLP(cfg, layers)
         self.drop_attn = Dropout(cfg.dropout, site=3 * index + 2)
         self.drop_mlp = Dropout(cfg.dropout, site=3 * index + 3)
-        self.layers = layers
 
-    def forward(self, x: Tensor, key: DropoutKey | None = None) -> Tensor:
-        x = x + residual_dropout(self.drop_attn, self.attn(self.ln_1(x), key), key, self.layers)
-        x = x + residual_dropout(self.drop_mlp, self.mlp(self.ln_2(x)), key, self.layers)
+    def forward(self, x: Tensor, layout: SequenceLayout,
+                key: DropoutKey | None = None) -> Tensor:
+        x = x + residual_dropout(self.drop_attn, self.attn(self.ln_1(x), layout, key), key,
+                                 layout)
+        x = x + residual_dropout(self.drop_mlp, self.mlp(self.ln_2(x), layout), key, layout)
         return x
 
 
@@ -219,6 +266,7 @@ class GPT(Module):
             self.wte.weight.tied_embedding = True  # embeds on the first stage, scores on the last
         if pre:
             self.wpe = Embedding(cfg.seq_len, cfg.d_model, std=0.01, dtype=dtype)
+            self.wpe.weight.before_sequence_split = True  # added to the whole sequence (embed)
             self.drop = Dropout(cfg.dropout, site=0)
         self.blocks = ModuleList(
             [Block(cfg, layers, i) for i in range(first_layer, last_layer)], start=first_layer
@@ -229,31 +277,40 @@ class GPT(Module):
         if pre and post:
             self.wte.weight.tied = True
 
-    def embed(self, idx: Any, key: DropoutKey | None = None) -> Tensor:
-        """(B, T) token ids → (B, T, d_model) hidden states entering the first block."""
+    def embed(self, idx: Any, layout: SequenceLayout, key: DropoutKey | None = None) -> Tensor:
+        """(B, T) token ids → (B, T/parts, d_model) hidden states entering the first block."""
         xp = get_xp()
         t = idx.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence of length {t} exceeds seq_len {self.cfg.seq_len}")
         x = self.wte(idx) + self.wpe(xp.arange(t))
-        x = self.layers.enter_blocks(x)
-        return residual_dropout(self.drop, x, key, self.layers)
+        x = self.layers.enter_blocks(x, layout)
+        return residual_dropout(self.drop, x, key, layout)
 
-    def forward(self, x: Any, targets: Any = None, key: DropoutKey | None = None) -> Tensor:
+    def forward(self, x: Any, targets: Any = None, key: DropoutKey | None = None, *,
+                seq_len: int | None = None) -> Tensor:
         """Token ids (first stage) or hidden states → loss (with targets), logits, or hidden.
 
-        The loss is the mean cross-entropy over every position of this batch.
+        The loss is the mean cross-entropy over every position of this batch. ``seq_len`` is
+        the full sequence length T: a stage without the embedding must be told, since under
+        sequence parallelism its input holds only T/t positions.
         """
+        if seq_len is None:
+            if not self.pre:
+                raise ValueError("a model chunk without the embedding needs seq_len, the full "
+                                 "length of the sequences its input activations belong to")
+            seq_len = x.shape[1]
+        layout = self.layers.sequence_layout(seq_len)
         if self.pre:
-            x = self.embed(x, key)
+            x = self.embed(x, layout, key)
         for block in self.blocks:
-            x = block(x, key)
+            x = block(x, layout, key)
         if not self.post:
             return x
-        x = self.layers.exit_blocks(self.ln_f(x))
+        x = self.layers.exit_blocks(self.ln_f(x), layout)
         if targets is None:
-            return self.layers.lm_logits(x, self.wte.weight)
-        return self.layers.lm_loss(x, self.wte.weight, targets)
+            return self.layers.lm_logits(x, self.wte.weight, layout)
+        return self.layers.lm_loss(x, self.wte.weight, targets, layout)
 
 
 def matmul_params(cfg: GPTConfig) -> int:
@@ -275,5 +332,5 @@ def build_model(cfg: GPTConfig, seed: int, layers: SerialLayers | None = None,
     return model
 
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "SerialLayers", "Init", "build_model",
-           "flops_per_token", "matmul_params"]
+__all__ = ["GPT", "GPTConfig", "PRESETS", "SequenceLayout", "SerialLayers", "SerialLinear",
+           "Init", "build_model", "flops_per_token", "matmul_params"]

@@ -40,11 +40,16 @@ class Parameter(Tensor):
     for a padded shard (a vocabulary that tp does not divide), whose padding rows stay zero.
     ``tied`` says this module uses the parameter twice (the embedding doubling as the head);
     ``tied_embedding`` marks the token-embedding matrix on every pipeline stage that holds a
-    copy of it (the first embeds with it, the last scores with it).
+    copy of it (the first embeds with it, the last scores with it), so the stages can sum its
+    two gradient terms. ``before_sequence_split`` marks a replicated parameter used before
+    sequence parallelism splits the sequence (the position table): its gradient is complete
+    on every tensor-parallel rank, unlike that of the LayerNorms inside the blocks, which see
+    one piece of the sequence each. The model sets these flags where it builds the layers;
+    the parallel code asks the flag, never the name.
     """
 
     __slots__ = ("init", "full_shape", "shard_index", "local_index", "replicated_in_tp", "tied",
-                 "tied_embedding")
+                 "tied_embedding", "before_sequence_split")
 
     def __init__(self, shape: tuple[int, ...], init: Init, dtype: Any = np.float32,
                  full_shape: tuple[int, ...] | None = None, shard_index: Any = None) -> None:
@@ -56,6 +61,7 @@ class Parameter(Tensor):
         self.replicated_in_tp = shard_index is None
         self.tied = False
         self.tied_embedding = False
+        self.before_sequence_split = False
 
 
 def unique_parameters(params: Iterable[Parameter]) -> list[Parameter]:

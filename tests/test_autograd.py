@@ -13,7 +13,16 @@ import pytest
 from gradcheck import check_gradients
 
 from mpipar import ops
-from mpipar.autograd import Function, Tensor, is_grad_enabled, no_grad
+from mpipar.autograd import (
+    Function,
+    Tensor,
+    graph_nbytes,
+    is_grad_enabled,
+    memory_root,
+    no_grad,
+    saved_arrays,
+    topological_order,
+)
 
 
 def _leaf(*shape, seed=0, dtype=np.float64) -> Tensor:
@@ -261,6 +270,43 @@ def test_a_chain_of_5000_adds_does_not_hit_the_recursion_limit():
         y = y + x
     y.sum().backward()
     np.testing.assert_array_equal(x.grad, np.full(3, 5001.0))
+
+
+# --------------------------------------------------------------------------------------------
+# What the graph is made of, and what backward keeps
+# --------------------------------------------------------------------------------------------
+def test_parents_and_fn_describe_the_graph_until_backward_frees_it():
+    a, b = _leaf(2), _leaf(2, seed=1)
+    c = a * b
+    d = c + a
+    assert d.fn.__name__ == "Add" and d.parents == (c, a)
+    assert c.fn.__name__ == "Mul" and c.parents == (a, b)
+    assert a.fn is None and a.parents == ()
+    assert topological_order(d)[-1] is d and topological_order(d).index(c) > 0
+    d.sum().backward()
+    assert d.fn.__name__ == "Add" and d.parents == ()  # the graph behind it is freed
+
+
+def test_memory_root_is_the_owner_of_a_view():
+    base = np.zeros((4, 3))
+    assert memory_root(base) is base
+    assert memory_root(base[1:]) is base and memory_root(base.T[::2]) is base
+
+
+def test_saved_arrays_lists_each_block_of_memory_once():
+    x = Tensor(np.ones((3, 4)), requires_grad=True)  # 96 bytes
+    w = Tensor(np.ones((5, 4)), requires_grad=True)  # 160 bytes
+    h = ops.linear(x, w)  # saves x and w
+    y = ops.tanh(h)  # saves its output, (3, 5): 120 bytes
+    z = y * y  # saves y twice: one block
+    saved = saved_arrays(z)
+    assert sorted(a.nbytes for a in saved) == [96, 120, 160]
+    assert any(a is x.data for a in saved) and any(a is w.data for a in saved)
+    assert graph_nbytes(z) == 96 + 120 + 160
+    assert graph_nbytes(z, exclude=[w.data]) == 96 + 120
+    assert graph_nbytes(z, exclude=[w.data[1:], x.data.T]) == 120, "views exclude their base"
+    z.sum().backward()
+    assert saved_arrays(z) == [] and graph_nbytes(z) == 0  # backward freed what it kept
 
 
 # --------------------------------------------------------------------------------------------

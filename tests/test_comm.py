@@ -53,7 +53,20 @@ def test_check(verdict, name):
 
 
 def self_comm(enabled: bool = True) -> Comm:
-    return Comm(comm_module.MPI.COMM_SELF, "dp", Tracer(0, enabled=enabled))
+    return Comm.self_group("dp", Tracer(0, enabled=enabled))
+
+
+def test_self_group_is_this_process_alone():
+    c = Comm.self_group("tp")
+    assert (c.group, c.size, c.rank, c.members) == ("tp", 1, 0, (0,))
+    assert c.mpi == comm_module.MPI.COMM_SELF and c.tracer.enabled is False
+
+
+def test_a_failed_call_leaves_no_trace_record():
+    c = self_comm()
+    with pytest.raises(ValueError, match="C-contiguous"):
+        c.broadcast(np.ones((4, 4))[:, 1])
+    assert c.tracer.records == []
 
 
 def test_world_without_mpirun():

@@ -16,7 +16,7 @@ from mpipar.grid import (
     validate_layout,
 )
 
-# ---- rank layout (DESIGN §4) -------------------------------------------------------------
+# ---- rank layout (docs/design.md §4) ------------------------------------------------------
 
 
 def test_layout_of_dp2_tp2_pp2_matches_the_design_picture():

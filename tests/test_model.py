@@ -14,6 +14,8 @@ from mpipar.model import (
     GPT,
     PRESETS,
     GPTConfig,
+    SequenceLayout,
+    SerialLayers,
     build_model,
     flops_per_token,
     matmul_params,
@@ -194,6 +196,30 @@ def test_stage_names_keep_global_block_indices():
     assert not stage.wte.weight.tied  # only a model holding both ends uses wte twice
 
 
+def test_flags_mark_the_tied_embedding_and_the_position_table():
+    """The parallel code finds these parameters by flag, never by name."""
+    model = GPT(TINY)
+    assert [n for n, p in model.named_parameters() if p.tied_embedding] == ["wte.weight"]
+    assert [n for n, p in model.named_parameters() if p.before_sequence_split] == ["wpe.weight"]
+    last = GPT(TINY.with_(n_layer=4), first_layer=2, last_layer=4, pre=False)
+    assert last.wte.weight.tied_embedding  # the head's copy on the last pipeline stage
+    assert not any(p.before_sequence_split for p in last.parameters())
+
+
+def test_a_stage_without_the_embedding_is_told_the_sequence_length():
+    cfg = TINY.with_(n_layer=4)
+    first = build_model(cfg, seed=3, first_layer=0, last_layer=2, post=False)
+    last = build_model(cfg, seed=3, first_layer=2, last_layer=4, pre=False)
+    idx, targets = _tokens(seed=1), _tokens(seed=2)
+    hidden = first(idx)
+    with pytest.raises(ValueError, match="needs seq_len"):
+        last(hidden, targets)
+    whole = build_model(cfg, seed=3)
+    np.testing.assert_array_equal(last(hidden, targets, seq_len=idx.shape[1]).data,
+                                  whole(idx, targets).data)
+    assert SerialLayers().sequence_layout(5) == SequenceLayout(5, 1, ())
+
+
 def test_state_dict_round_trip():
     a = build_model(TINY, seed=0)
     b = build_model(TINY, seed=1)
@@ -272,9 +298,10 @@ def test_initialisation_scales():
 # --------------------------------------------------------------------------------------------
 def _manual_untied_loss(model: GPT, idx, targets, head: Tensor) -> Tensor:
     """The model's loss with the head's use of wte replaced by the separate tensor ``head``."""
-    x = model.embed(idx)
+    layout = model.layers.sequence_layout(idx.shape[1])
+    x = model.embed(idx, layout)
     for block in model.blocks:
-        x = block(x)
+        x = block(x, layout)
     return ops.cross_entropy(ops.linear(model.ln_f(x), head), targets)
 
 

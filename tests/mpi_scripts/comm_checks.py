@@ -37,62 +37,77 @@ def main() -> None:
     install_excepthook(world)
     checks = Checks(world)
     n, r = world.size, world.rank
-    ranks = range(n)
-    right, left = (r + 1) % n, (r - 1) % n
-    reducers = {"sum": np.add.reduce, "max": np.maximum.reduce, "min": np.minimum.reduce}
-
     with checks.check("size_and_rank"):
         assert world_size_and_rank() == (n, r), world_size_and_rank()
-        assert world.members == tuple(ranks), world.members
+        assert world.members == tuple(range(n)), world.members
         assert world.group == "world" and world.tracer.enabled is False
-
     for dtype in DTYPES:
-        name = np.dtype(dtype).name
-        shape = (3, 5)
-        everyone = np.stack([rank_data(q, shape, dtype) for q in ranks])
+        check_collectives(checks, world, dtype)
+    check_point_to_point(checks, world)
+    check_groups_and_tracing(checks, world)
+    check_errors_and_control_plane(checks, world)
+    checks.report()
 
-        with checks.check(f"allreduce_{name}"):
-            results = {}
-            for op in reducers:
-                buf = rank_data(r, shape, dtype)
-                results[op] = (buf, world.allreduce(buf, op=op))
+
+def check_collectives(checks: Checks, world: Comm, dtype: type) -> None:
+    """allreduce (every reduction, in place and into ``out``), reduce_scatter, allgather and
+    broadcast in ``dtype``."""
+    n, r = world.size, world.rank
+    ranks = range(n)
+    reducers = {"sum": np.add.reduce, "max": np.maximum.reduce, "min": np.minimum.reduce}
+    name = np.dtype(dtype).name
+    shape = (3, 5)
+    everyone = np.stack([rank_data(q, shape, dtype) for q in ranks])
+
+    with checks.check(f"allreduce_{name}"):
+        results = {}
+        for op in reducers:
             buf = rank_data(r, shape, dtype)
-            out = np.empty_like(buf)
-            res_out = world.allreduce(buf, out=out)
-            for op, (buf_in, res) in results.items():
-                assert res is buf_in, f"{op}: in-place allreduce must return its buffer"
-                assert res.dtype == dtype and res.shape == shape
-                np.testing.assert_array_equal(res, reducers[op](everyone), err_msg=op)
-            assert res_out is out
-            np.testing.assert_array_equal(out, everyone.sum(0), err_msg="with out=")
-            np.testing.assert_array_equal(buf, rank_data(r, shape, dtype), err_msg="input kept")
+            results[op] = (buf, world.allreduce(buf, op=op))
+        buf = rank_data(r, shape, dtype)
+        out = np.empty_like(buf)
+        res_out = world.allreduce(buf, out=out)
+        for op, (buf_in, res) in results.items():
+            assert res is buf_in, f"{op}: in-place allreduce must return its buffer"
+            assert res.dtype == dtype and res.shape == shape
+            np.testing.assert_array_equal(res, reducers[op](everyone), err_msg=op)
+        assert res_out is out
+        np.testing.assert_array_equal(out, everyone.sum(0), err_msg="with out=")
+        np.testing.assert_array_equal(buf, rank_data(r, shape, dtype), err_msg="input kept")
 
-        with checks.check(f"reduce_scatter_{name}"):
-            send = rank_data(r, (n, 4), dtype)
-            recv = np.empty(4, dtype)
-            world.reduce_scatter(send, recv)
-            flat_send = rank_data(r, (n * 6,), dtype)  # flat input: blocks of 6 elements
-            recv_max = np.empty((2, 3), dtype)
-            world.reduce_scatter(flat_send, recv_max, op="max")
-            expected = np.stack([rank_data(q, (n, 4), dtype) for q in ranks]).sum(0)[r]
-            np.testing.assert_array_equal(recv, expected)
-            flat_all = np.stack([rank_data(q, (n * 6,), dtype) for q in ranks]).max(0)
-            np.testing.assert_array_equal(recv_max.reshape(-1), flat_all[6 * r: 6 * r + 6])
+    with checks.check(f"reduce_scatter_{name}"):
+        send = rank_data(r, (n, 4), dtype)
+        recv = np.empty(4, dtype)
+        world.reduce_scatter(send, recv)
+        flat_send = rank_data(r, (n * 6,), dtype)  # flat input: blocks of 6 elements
+        recv_max = np.empty((2, 3), dtype)
+        world.reduce_scatter(flat_send, recv_max, op="max")
+        expected = np.stack([rank_data(q, (n, 4), dtype) for q in ranks]).sum(0)[r]
+        np.testing.assert_array_equal(recv, expected)
+        flat_all = np.stack([rank_data(q, (n * 6,), dtype) for q in ranks]).max(0)
+        np.testing.assert_array_equal(recv_max.reshape(-1), flat_all[6 * r: 6 * r + 6])
 
-        with checks.check(f"allgather_{name}"):
-            send = rank_data(r, (2, 3), dtype)
-            recv = np.full((n, 2, 3), -99, dtype)
-            world.allgather(send, recv)
-            np.testing.assert_array_equal(
-                recv, np.stack([rank_data(q, (2, 3), dtype) for q in ranks])
-            )
+    with checks.check(f"allgather_{name}"):
+        send = rank_data(r, (2, 3), dtype)
+        recv = np.full((n, 2, 3), -99, dtype)
+        world.allgather(send, recv)
+        np.testing.assert_array_equal(
+            recv, np.stack([rank_data(q, (2, 3), dtype) for q in ranks])
+        )
 
-        with checks.check(f"broadcast_{name}"):
-            root = n - 1
-            buf = rank_data(r, (7,), dtype)
-            world.broadcast(buf, root=root)
-            np.testing.assert_array_equal(buf, rank_data(root, (7,), dtype))
+    with checks.check(f"broadcast_{name}"):
+        root = n - 1
+        buf = rank_data(r, (7,), dtype)
+        world.broadcast(buf, root=root)
+        np.testing.assert_array_equal(buf, rank_data(root, (7,), dtype))
 
+
+def check_point_to_point(checks: Checks, world: Comm) -> None:
+    """Blocking send/recv in pairs, sendrecv round a ring, isend/irecv between all pairs, and
+    the non-blocking all-reduce."""
+    n, r = world.size, world.rank
+    ranks = range(n)
+    right, left = (r + 1) % n, (r - 1) % n
     with checks.check("send_recv"):
         # Pairs (0, 1), (2, 3), ...: the even rank sends first, the odd one answers.
         got = np.empty(5)
@@ -135,6 +150,12 @@ def main() -> None:
             other, np.maximum.reduce([rank_data(q, (4, 3), np.float32) for q in ranks])
         )
 
+
+def check_groups_and_tracing(checks: Checks, world: Comm) -> None:
+    """split (with an opt-out), the trace records of known calls, and a disabled tracer."""
+    n, r = world.size, world.rank
+    ranks = range(n)
+    right, left = (r + 1) % n, (r - 1) % n
     with checks.check("split"):
         # Ranks of equal parity; key = -rank orders each group by descending global rank.
         sub = world.split(r % 2, -r, "parity")
@@ -161,6 +182,11 @@ def main() -> None:
             quiet.barrier()
         assert quiet.tracer.records == [], quiet.tracer.records
 
+
+def check_errors_and_control_plane(checks: Checks, world: Comm) -> None:
+    """Bad arguments fail before any MPI call; the pickling control-plane calls."""
+    n, r = world.size, world.rank
+    ranks = range(n)
     with checks.check("bad_arguments"):
         # Raised before any MPI call, identically on every rank, so nobody is left waiting.
         msg = expect_raises(ValueError, world.reduce_scatter, np.ones(n * 3), np.empty(2))
@@ -179,8 +205,6 @@ def main() -> None:
         assert everyone == [{"rank": q, "name": f"r{q}"} for q in ranks], everyone
         assert value == {"lr": 0.1}, value
         assert gathered == ([q * q for q in ranks] if r == n - 1 else None), gathered
-
-    checks.report()
 
 
 def check_trace(world: Comm, n: int, r: int) -> None:

@@ -20,14 +20,14 @@ the 1-process forward, so any difference can only be rounding in a reordered sum
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from verdict import Checks
 
 from mpipar.autograd import no_grad
 from mpipar.comm import Comm
-from mpipar.data import CharTokenizer, make_dataset
+from mpipar.data import CharTokenizer, Dataset, make_dataset
 from mpipar.grid import ProcessGrid
 from mpipar.model import GPTConfig
 from mpipar.parallel.pipeline import build_schedule, message_parts
@@ -52,16 +52,36 @@ def main() -> None:
     world = Comm.world(tracer)
     tracer.rank = world.rank
     checks = Checks(world)
-    p, r = world.size, world.rank
+    p = world.size
     tok = CharTokenizer.from_text(TEXT)
     cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=2 * p, n_head=2, d_model=16,
                     seq_len=8, dtype="float64")
     data = make_dataset(TEXT, tok, seq_len=cfg.seq_len)
     base = TrainConfig(batch_size=M, microbatches=M, eval_every=0, eval_batches=2,
                        warmup_steps=1, lr=1e-2)
-    grid = ProcessGrid.build(world, 1, 1, p)
+    run = Run(cfg, base, ProcessGrid.build(world, 1, 1, p), data, tracer)
+    check_memory(checks, run)
+    check_evaluation_and_generation(checks, run)
+    check_trace(checks, run)
+    checks.report()
 
-    # -- memory: GPipe against 1F1B ------------------------------------------------------
+
+@dataclass
+class Run:
+    """What every check builds its trainers from: the model, the base training config, the
+    pipeline of all ranks, the data and the (enabled) tracer."""
+
+    cfg: GPTConfig
+    base: TrainConfig
+    grid: ProcessGrid
+    data: Dataset
+    tracer: Tracer
+
+
+def check_memory(checks: Checks, run: Run) -> None:
+    """GPipe against 1F1B: stashes in flight, their bytes, freeing, buffer reuse."""
+    cfg, base, grid, data, tracer = run.cfg, run.base, run.grid, run.data, run.tracer
+    p, r = grid.pp, grid.pp_rank
     summaries, allocated = {}, {}
     for schedule in ("gpipe", "1f1b"):
         trainer = Trainer(cfg, replace(base, schedule=schedule), grid, data, tracer)
@@ -72,8 +92,8 @@ def main() -> None:
         allocated[schedule] = (first, trainer.pipeline.pool.allocated)
         ex = trainer.pipeline
         with checks.check(f"{schedule}: stash freed after the step"):
-            assert not ex.stash and ex.stash_bytes == 0, (
-                f"{len(ex.stash)} stashes, {ex.stash_bytes} bytes left")
+            assert not ex.stash and ex.stash.nbytes == 0, (
+                f"{len(ex.stash)} stashes, {ex.stash.nbytes} bytes left")
             assert not (ex.inputs or ex.out_grads or ex.outputs or ex.in_grads), "buffers left"
     g, f = summaries["gpipe"], summaries["1f1b"]
     with checks.check("gpipe holds every microbatch"):
@@ -92,7 +112,11 @@ def main() -> None:
             if r > 0:  # at most one buffer per stash, plus one gradient in transit
                 assert 1 <= first <= inflight + 1, f"{schedule}: {first} buffers, {inflight}"
 
-    # -- evaluation and generation against the 1-process model ---------------------------
+
+def check_evaluation_and_generation(checks: Checks, run: Run) -> None:
+    """Both against the 1-process model; the logits bitwise equal on every rank."""
+    cfg, base, grid, data, tracer = run.cfg, run.base, run.grid, run.data, run.tracer
+    world, r = grid.world, grid.pp_rank
     serial = Trainer(cfg, base, ProcessGrid.single(), data, Tracer(r))
     prompts = [[1], [3, 1, 4, 1, 5], list(range(cfg.seq_len))]
     for schedule, v in (("1f1b", 1), ("interleaved", 2)):
@@ -113,7 +137,11 @@ def main() -> None:
                 for q, other in enumerate(everyone):
                     assert np.array_equal(other, got), f"rank {q}'s logits differ from rank {r}'s"
 
-    # -- the trace of one step -----------------------------------------------------------
+
+def check_trace(checks: Checks, run: Run) -> None:
+    """One compute span per forward and backward; pipeline messages are raw buffers."""
+    cfg, base, grid, data, tracer = run.cfg, run.base, run.grid, run.data, run.tracer
+    p, r = grid.pp, grid.pp_rank
     for schedule, v in (("1f1b", 1), ("interleaved", 2)):
         tc = replace(base, schedule=schedule, virtual_stages=v)
         trainer = Trainer(cfg, tc, grid, data, tracer)
@@ -142,7 +170,6 @@ def main() -> None:
             for x in msgs:
                 assert tuple(x.shape) == mb_shape and x.dtype == "float64", (x.shape, x.dtype)
                 assert x.nbytes == 8 * int(np.prod(mb_shape)), x.nbytes
-    checks.report()
 
 
 if __name__ == "__main__":

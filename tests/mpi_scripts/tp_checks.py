@@ -138,7 +138,7 @@ def check_linears(checks: Checks, world: Comm) -> None:
     s = piece(t, r, T)
     for sp in (False, True):
         layers = TensorParallelLayers(world, F64, sequence_parallel=sp)
-        layers.set_sequence_length(T)
+        layout = layers.sequence_layout(T)
         tag = " (sequence parallel)" if sp else ""
         for qkv, gather in ((False, False), (True, False), (False, True)):
             if sp and gather:
@@ -154,7 +154,7 @@ def check_linears(checks: Checks, world: Comm) -> None:
             ys.backward(dy)
             rows = col.weight.shard_index[0]
             xr = leaf(x[:, s] if sp else x)
-            y = col(xr)
+            y = col(xr, layout)
             y.backward(dy if gather else dy[..., rows])
             name = f"ColumnParallelLinear qkv={qkv} gather_output={gather}{tag}"
             with checks.check(name):
@@ -182,7 +182,7 @@ def check_linears(checks: Checks, world: Comm) -> None:
             ys.backward(dy)
             cols = row.weight.shard_index[1]
             xr = leaf(x[..., cols] if parallel_input else x)
-            y = row(xr)
+            y = row(xr, layout)
             y.backward(dy[:, s] if sp else dy)
             with checks.check(f"RowParallelLinear input_is_parallel={parallel_input}{tag}"):
                 exact("output", y.data, ys.data[:, s] if sp else ys.data)
@@ -263,22 +263,24 @@ def check_head(checks: Checks, world: Comm) -> None:
     table = normal((vocab, d), 21)
     targets = np.random.default_rng(22).integers(0, vocab, size=(B, T))
     serial = SerialLayers(F64)
+    whole = serial.sequence_layout(T)
     hs, ws = leaf(h), leaf(table)
-    loss_s = serial.lm_loss(hs, ws, targets)
+    loss_s = serial.lm_loss(hs, ws, targets, whole)
     loss_s.backward()
-    logits_s = serial.lm_logits(Tensor(h), Tensor(table)).data
+    logits_s = serial.lm_logits(Tensor(h), Tensor(table), whole).data
     s = piece(t, r, T)
     for sp in (False, True):
         layers = TensorParallelLayers(world, F64, sequence_parallel=sp)
-        layers.set_sequence_length(T)
+        layout = layers.sequence_layout(T)
         emb = VocabParallelEmbedding(layers, vocab, d)
         load_shards(emb, {"weight": table})
         w = emb.weight
         hr = leaf(h[:, s] if sp else h)
-        loss = layers.lm_loss(layers.exit_blocks(hr), w, targets)
+        loss = layers.lm_loss(layers.exit_blocks(hr, layout), w, targets, layout)
         loss.backward()
         with no_grad():
-            logits = layers.lm_logits(layers.exit_blocks(Tensor(hr.data)), w).data
+            logits = layers.lm_logits(layers.exit_blocks(Tensor(hr.data), layout), w,
+                                      layout).data
         everyone = world.allgather_object(logits)
         tag = " (sequence parallel)" if sp else ""
         with checks.check(f"tied head lm_loss{tag}"):
@@ -302,18 +304,17 @@ def check_block(checks: Checks, world: Comm) -> None:
     dy = normal((B, T, cfg.d_model), 31)
     key = DropoutKey(seed=5, step=7, global_batch=B, rows=slice(0, B))
     xs = leaf(x)
-    ys = serial(xs, key)
+    ys = serial(xs, SerialLayers(F64).sequence_layout(T), key)
     ys.backward(dy)
     grads = {n: p.grad for n, p in serial.named_parameters()}
     s = piece(t, r, T)
     for sp in (False, True):
         layers = TensorParallelLayers(world, F64, sequence_parallel=sp)
-        layers.set_sequence_length(T)
         block = Block(cfg, layers, 1)
         block.initialize(5)
         block.name_parameters()
         xr = leaf(x[:, s] if sp else x)
-        y = block(xr, key)
+        y = block(xr, layers.sequence_layout(T), key)
         y.backward(dy[:, s] if sp else dy)
         layers.sync_replicated_grads(block.parameters())
         with checks.check(f"Block with dropout{' (sequence parallel)' if sp else ''}"):

@@ -66,8 +66,9 @@ def shapes(model: GPT, cfg: GPTConfig, b: int) -> None:
     show("gelu(ln_2(x) W_fcᵀ + b)", "(B, T, 4C)", hidden.shape)
     x = x + block.mlp.proj(hidden)
     show("x = x + mlp.proj(...)", "(B, T, C)", x.shape)
+    layout = model.layers.sequence_layout(t)  # the whole sequence, on one process
     for later in list(model.blocks)[1:]:
-        x = later(x)
+        x = later(x, layout)
     show(f"... {cfg.n_layer - 1} more blocks", "(B, T, C)", x.shape)
     logits = ops.linear(model.ln_f(x), model.wte.weight)
     show("logits = ln_f(x) wteᵀ (tied head)", "(B, T, V)", logits.shape)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpipar.autograd import Tensor, _topological_order, no_grad
+from mpipar.autograd import Tensor, no_grad, topological_order
 
 
 def leaf(value: float, name: str) -> Tensor:
@@ -40,9 +40,9 @@ def graph_and_gradients() -> None:
         t.name = name
 
     print("graph in reverse topological order (the order backward applies the chain rule):")
-    for t in reversed(_topological_order(loss)):
-        made_by = t._fn.__name__ if t._fn is not None else "leaf"
-        inputs = ", ".join(p.name for p in t._parents)
+    for t in reversed(topological_order(loss)):
+        made_by = t.fn.__name__ if t.fn is not None else "leaf"
+        inputs = ", ".join(p.name for p in t.parents)
         print(f"  {t.name:>2} = {made_by}({inputs})" if inputs else f"  {t.name:>2}   {made_by}")
 
     # By hand, from the chain rule in the docstring.

@@ -3,7 +3,10 @@
 `schedules` builds, for every pipeline rank, the list of instructions (`instructions`) that
 rank runs in one training step; `checker` proves a schedule completes under blocking MPI
 semantics and simulates its timing; `timeline` draws simulated or measured timelines as text.
-The MPI executor runs the same lists with one handler per instruction class.
+`stages` cuts the model into chunks, and the MPI `executor` runs the same lists on them with
+one handler per instruction class, its buffers and activation stash in `memory`. `measure`
+reads timelines, bubbles and the run report back from a trace; `pictures` holds the
+``python -m mpipar.viz schedule`` and ``timeline`` commands and the PNG drawing.
 """
 
 from .checker import (

@@ -111,9 +111,27 @@ def _neighbour(rank: int, chunk: int, step: int, p: int) -> tuple[int, int]:
     return stage_location(virtual_stage(rank, chunk, p) + step, p)
 
 
-def _check_program(
-    rank: int, program: list[Instruction], p: int, m: int, v: int
-) -> int:
+@dataclass
+class _Books:
+    """One rank's list so far: the index of the instruction that ran each (mb, chunk) forward
+    and backward, that sent and received each (kind, mb, chunk); microbatches in flight."""
+
+    rank: int
+    p: int
+    m: int
+    v: int
+    forwarded: dict[tuple[int, int], int] = field(default_factory=dict)
+    backwarded: dict[tuple[int, int], int] = field(default_factory=dict)
+    received: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    sent: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    inflight: int = 0
+    peak: int = 0
+
+    def fail(self, i: int, instr: Instruction, why: str) -> ScheduleError:
+        return ScheduleError(f"rank {self.rank}, instruction {i}: {instr} {why}", self.rank, i)
+
+
+def _check_program(rank: int, program: list[Instruction], p: int, m: int, v: int) -> int:
     """Check one rank's list on its own; return its peak number of microbatches in flight.
 
     Each (mb, chunk) must run forward and backward exactly once, backward after forward; a
@@ -121,90 +139,79 @@ def _check_program(
     output-gradient (except on the last virtual stage); what is sent must have been computed,
     must go to the neighbouring virtual stage's rank, and must be sent exactly once.
     """
-    forwarded: dict[tuple[int, int], int] = {}
-    backwarded: dict[tuple[int, int], int] = {}
-    received: dict[tuple[str, int, int], int] = {}  # (kind, mb, chunk) -> index
-    sent: dict[tuple[str, int, int], int] = {}
-    inflight = peak = 0
+    books = _Books(rank, p, m, v)
     n = len(program)
-
-    def fail(i: int, instr: Instruction, why: str) -> ScheduleError:
-        return ScheduleError(f"rank {rank}, instruction {i}: {instr} {why}", rank, i)
-
     if n < 2 or not isinstance(program[-2], ReduceGrads) or not isinstance(program[-1],
                                                                              OptimizerStep):
         raise ScheduleError(f"rank {rank}: the list must end with ReduceGrads(), "
                             "OptimizerStep()", rank, None)
     for i, instr in enumerate(program):
         if isinstance(instr, (Forward, Backward)):
-            if not (0 <= instr.mb < m and 0 <= instr.chunk < v):
-                raise fail(i, instr, f"is out of range (m={m} microbatches, v={v} chunks)")
-            key = (instr.mb, instr.chunk)
-        if isinstance(instr, Forward):
-            if key in forwarded:
-                raise fail(i, instr, f"runs a second time (first at instruction {forwarded[key]})")
-            if not is_first_stage(rank, instr.chunk) and ("activation", *key) not in received:
-                src = _neighbour(rank, instr.chunk, -1, p)[0]
-                raise fail(i, instr, f"has no input: no RecvAct(mb={instr.mb}, "
-                           f"chunk={instr.chunk} <- rank {src}) before it")
-            forwarded[key] = i
-            inflight += 1
-            peak = max(peak, inflight)
-        elif isinstance(instr, Backward):
-            if key not in forwarded:
-                raise fail(i, instr, f"comes before its forward F(mb={instr.mb}, "
-                           f"chunk={instr.chunk})")
-            if key in backwarded:
-                raise fail(i, instr, f"runs a second time (first at instruction {backwarded[key]})")
-            if not is_last_stage(rank, instr.chunk, p, v) and ("grad", *key) not in received:
-                src = _neighbour(rank, instr.chunk, +1, p)[0]
-                raise fail(i, instr, f"has no output gradient: no RecvGrad(mb={instr.mb}, "
-                           f"chunk={instr.chunk} <- rank {src}) before it")
-            backwarded[key] = i
-            inflight -= 1
+            _check_compute(books, i, instr)
         elif message_parts(instr):
             for part in message_parts(instr):
-                _check_message(rank, i, instr, part, p, m, v, forwarded, backwarded, sent,
-                               received)
-        elif isinstance(instr, ReduceGrads):
-            if i != n - 2:
-                raise fail(i, instr, "comes before the end of the list")
-        elif isinstance(instr, OptimizerStep):
-            if i != n - 1:
-                raise fail(i, instr, "comes before the end of the list")
+                _check_message(books, i, instr, part)
+        elif isinstance(instr, (ReduceGrads, OptimizerStep)):  # the trainer's, at the very end
+            if i != n - (2 if isinstance(instr, ReduceGrads) else 1):
+                raise books.fail(i, instr, "comes before the end of the list")
         else:
-            raise fail(i, instr, "is not a pipeline instruction")
+            raise books.fail(i, instr, "is not a pipeline instruction")
+    _check_all_done(books, program)
+    return books.peak
 
-    for mb in range(m):
+
+def _check_compute(books: _Books, i: int, instr: Forward | Backward) -> None:
+    """Static checks of a Forward or Backward at index i, then note that it ran."""
+    rank, p, m, v = books.rank, books.p, books.m, books.v
+    if not (0 <= instr.mb < m and 0 <= instr.chunk < v):
+        raise books.fail(i, instr, f"is out of range (m={m} microbatches, v={v} chunks)")
+    key = (instr.mb, instr.chunk)
+    if isinstance(instr, Forward):
+        if key in books.forwarded:
+            first = books.forwarded[key]
+            raise books.fail(i, instr, f"runs a second time (first at instruction {first})")
+        if not is_first_stage(rank, instr.chunk) and ("activation", *key) not in books.received:
+            src = _neighbour(rank, instr.chunk, -1, p)[0]
+            raise books.fail(i, instr, f"has no input: no RecvAct(mb={instr.mb}, "
+                             f"chunk={instr.chunk} <- rank {src}) before it")
+        books.forwarded[key] = i
+        books.inflight += 1
+        books.peak = max(books.peak, books.inflight)
+        return
+    if key not in books.forwarded:
+        raise books.fail(i, instr, f"comes before its forward F(mb={instr.mb}, "
+                         f"chunk={instr.chunk})")
+    if key in books.backwarded:
+        first = books.backwarded[key]
+        raise books.fail(i, instr, f"runs a second time (first at instruction {first})")
+    if not is_last_stage(rank, instr.chunk, p, v) and ("grad", *key) not in books.received:
+        src = _neighbour(rank, instr.chunk, +1, p)[0]
+        raise books.fail(i, instr, f"has no output gradient: no RecvGrad(mb={instr.mb}, "
+                         f"chunk={instr.chunk} <- rank {src}) before it")
+    books.backwarded[key] = i
+    books.inflight -= 1
+
+
+def _check_all_done(books: _Books, program: list[Instruction]) -> None:
+    """After the whole list: every (mb, chunk) ran both ways and sent what it produced."""
+    rank, p, v = books.rank, books.p, books.v
+    for mb in range(books.m):
         for chunk in range(v):
-            for done, name in ((forwarded, "F"), (backwarded, "B")):
+            for done, name in ((books.forwarded, "F"), (books.backwarded, "B")):
                 if (mb, chunk) not in done:
-                    raise ScheduleError(
-                        f"rank {rank}: {name}(mb={mb}, chunk={chunk}) never runs", rank, None
-                    )
-            if not is_last_stage(rank, chunk, p, v) and ("activation", mb, chunk) not in sent:
-                i = forwarded[(mb, chunk)]
-                raise fail(i, program[i], "produces an activation that is never sent")
-            if not is_first_stage(rank, chunk) and ("grad", mb, chunk) not in sent:
-                i = backwarded[(mb, chunk)]
-                raise fail(i, program[i], "produces a gradient that is never sent")
-    return peak
+                    raise ScheduleError(f"rank {rank}: {name}(mb={mb}, chunk={chunk}) never runs",
+                                        rank, None)
+            if not is_last_stage(rank, chunk, p, v) and ("activation", mb, chunk) not in books.sent:
+                i = books.forwarded[(mb, chunk)]
+                raise books.fail(i, program[i], "produces an activation that is never sent")
+            if not is_first_stage(rank, chunk) and ("grad", mb, chunk) not in books.sent:
+                i = books.backwarded[(mb, chunk)]
+                raise books.fail(i, program[i], "produces a gradient that is never sent")
 
 
-def _check_message(
-    rank: int,
-    i: int,
-    instr: Instruction,
-    part: PointToPoint,
-    p: int,
-    m: int,
-    v: int,
-    forwarded: dict[tuple[int, int], int],
-    backwarded: dict[tuple[int, int], int],
-    sent: dict[tuple[str, int, int], int],
-    received: dict[tuple[str, int, int], int],
-) -> None:
+def _check_message(books: _Books, i: int, instr: Instruction, part: PointToPoint) -> None:
     """Static checks of one message of instruction i (a half of it for a SendRecv)."""
+    rank, p, m, v = books.rank, books.p, books.m, books.v
     where = f"rank {rank}, instruction {i}: {instr}"
     if isinstance(instr, SendRecv):
         where += f": its {part}"
@@ -225,11 +232,11 @@ def _check_message(
     if part.peer != expected:
         raise ScheduleError(f"{where} names the wrong peer: the neighbouring virtual stage "
                             f"is on rank {expected}", rank, i)
-    book = sent if part.is_send else received
+    book = books.sent if part.is_send else books.received
     if key in book:
         raise ScheduleError(f"{where} repeats the message of instruction {book[key]}", rank, i)
     if part.is_send:
-        done = forwarded if part.kind == "activation" else backwarded
+        done = books.forwarded if part.kind == "activation" else books.backwarded
         if (part.mb, part.chunk) not in done:
             what = "F" if part.kind == "activation" else "B"
             raise ScheduleError(f"{where} comes before {what}(mb={part.mb}, chunk={part.chunk}) "

@@ -1,7 +1,7 @@
 """Run a pipeline schedule: one handler per instruction class, explicit Send/Recv of activations.
 
 The schedule (`schedules`) gives this rank a list of instructions; the executor walks it and
-looks each instruction's class up in one dispatch table::
+looks each instruction's class up in a dispatch table::
 
     Forward(mb, c)          run chunk c on microbatch mb; stash what its backward needs
     Backward(mb, c)         backpropagate dL/d(output) through chunk c; free the stash
@@ -17,28 +17,31 @@ the trainer (`Trainer.finish_gradients`, which calls `sync_tied_grads`, then gra
 clipping and the optimizer), because clipping needs the global gradient norm of all ranks in
 between; `train_step` runs the list up to them.
 
+Evaluation and generation run a forward-only program (`forward_only_program`) through a
+second table, in which ``Forward`` builds no graph and keeps nothing for a backward.
+
 What travels. Between virtual stages flows the residual stream, an array of known shape
-(mb, T / seq_parts, d_model) and the model's dtype in both directions (activations forward,
+(mb, T / parts, d_model) and the model's dtype in both directions (activations forward,
 their gradients backward); under sequence parallelism each tensor-parallel rank holds
-T / tp positions of it. Both sides compute the shape from the microbatch, so a message is
-one raw-buffer ``Send`` matched by one ``Recv`` into a preallocated buffer: no header, no
+T / tp positions of it (the batch's `SequenceLayout`, which the executor also hands every
+chunk as the full length T). Both sides compute the shape from the microbatch, so a message
+is one raw-buffer ``Send`` matched by one ``Recv`` into a preallocated buffer: no header, no
 pickling. Each message carries its instruction's MPI tag (one per kind), so the messages of
 a channel arrive in the order the schedule sent them.
 
-Memory. Receive buffers come from a pool and go back to it once their contents are dead: an
-input activation after the backward of its microbatch (the autograd graph may have saved it),
-an output gradient right after the backward that consumed it. A chunk's output is needed only
-to be sent and to start the backward from (its ``_fn`` and shape, not its values), so after the
-send its array is replaced by a single element broadcast to the same shape (Megatron's
-``deallocate_output_tensor``). What a stash holds, the inputs plus every array the graph saved
-for backward, is measured in bytes after each forward (`StashStats`): the number GPipe and
-1F1B differ by.
+Memory (`memory`). Receive buffers come from a pool and go back to it once their contents are
+dead: an input activation after the backward of its microbatch (the autograd graph may have
+saved it), an output gradient right after the backward that consumed it. A chunk's output is
+needed only to be sent and to start the backward from (its graph and shape, not its values),
+so after the send its array is replaced by a single element broadcast to the same shape
+(Megatron's ``deallocate_output_tensor``). What a stash holds, the inputs plus every array
+the graph saved for backward, is measured in bytes after each forward (`StashStats`): the
+number GPipe and 1F1B differ by.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -69,8 +72,10 @@ from .instructions import (
     virtual_stage,
 )
 from .measure import span_name
+from .memory import BufferPool, Stash, StashStats, memory_ids
 from .schedules import build_schedule
 
+Dispatch = dict[type, Callable[[Any], None]]
 
 def forward_only_program(r: int, p: int, m: int, v: int) -> list[Instruction]:
     """Rank r's instructions to run m microbatches forward only (evaluation, generation).
@@ -99,91 +104,6 @@ class PipelineConfig(Protocol):
     schedule: str  # "naive", "gpipe", "1f1b" or "interleaved"
     microbatches: int  # M
     virtual_stages: int  # v, chunks per rank
-
-
-@dataclass
-class StashStats:
-    """Activation memory an executor held, measured while it ran.
-
-    ``peak_inflight``: most (microbatch, chunk) stashes alive at once (forward done, backward
-    not yet); ``peak_bytes``: most bytes those stashes held at once (inputs and arrays saved
-    for backward, parameters excluded); ``buffers``: receive buffers the pool ever allocated.
-    """
-
-    peak_inflight: int = 0
-    peak_bytes: int = 0
-    buffers: int = 0
-
-
-class BufferPool:
-    """Receive buffers by shape: `take` one (allocating only if none is free), `give` it back.
-
-    A buffer may be given back only when nothing reads it any more; the executor does so after
-    the backward that used it, so the pool holds as many buffers as the schedule keeps
-    microbatches in flight, and steady-state steps allocate nothing.
-    """
-
-    def __init__(self, dtype: Any) -> None:
-        self.dtype = np.dtype(dtype)
-        self.free: dict[tuple[int, ...], list[Any]] = {}
-        self.allocated = 0
-
-    def take(self, shape: tuple[int, ...]) -> Any:
-        free = self.free.get(shape)
-        if free:
-            return free.pop()
-        self.allocated += 1
-        return get_xp().empty(shape, dtype=self.dtype)
-
-    def give(self, buf: Any) -> None:
-        self.free.setdefault(tuple(buf.shape), []).append(buf)
-
-
-def _root(a: Any) -> int:
-    """Identity of the memory ``a`` lives in (a view shares its base's identity)."""
-    base = getattr(a, "base", None)
-    return id(base if base is not None else a)
-
-
-def _nbytes_of_root(a: Any) -> int:
-    base = getattr(a, "base", None)
-    return int((base if base is not None else a).nbytes)
-
-
-def _saved_arrays(ctx: Any) -> list[Any]:
-    """Arrays a Function's context keeps for backward (``saved`` and array attributes)."""
-    found = [a for a in ctx.saved if hasattr(a, "nbytes")]
-    found += [a for a in vars(ctx).values() if hasattr(a, "nbytes")]
-    return found
-
-
-def graph_bytes(output: Tensor, held: Sequence[Any], exclude: set[int]) -> int:
-    """Bytes of memory the autograd graph behind ``output`` keeps alive, plus ``held`` arrays.
-
-    Walks the graph from ``output`` to the leaves and sums, once per block of memory, the
-    arrays each node's context saved for backward. ``exclude`` lists memory (by `_root`) that
-    is not the stash's: parameters and the batch itself.
-    """
-    seen = set(exclude)
-    total = 0
-    for a in held:
-        if _root(a) not in seen:
-            seen.add(_root(a))
-            total += _nbytes_of_root(a)
-    visited: set[int] = set()
-    stack = [output]
-    while stack:
-        t = stack.pop()
-        if id(t) in visited:
-            continue
-        visited.add(id(t))
-        if t._ctx is not None:  # the engine's record of what backward needs (autograd.py)
-            for a in _saved_arrays(t._ctx):
-                if _root(a) not in seen:
-                    seen.add(_root(a))
-                    total += _nbytes_of_root(a)
-        stack.extend(t._parents)
-    return total
 
 
 class PipelineExecutor:
@@ -218,17 +138,15 @@ class PipelineExecutor:
         self.pool = BufferPool(self.dtype)
         self.stats = StashStats()
         self._params = [p for c in chunks for p in c.parameters()]
-        self._param_memory = {_root(p.data) for p in self._params}
-        self.dispatch: dict[type, Callable[[Any], None]] = {
-            Forward: self._forward,
-            Backward: self._backward,
-            SendActivation: self._send,
-            SendGrad: self._send,
-            RecvActivation: self._recv,
-            RecvGrad: self._recv,
+        self._param_memory = memory_ids(p.data for p in self._params)
+        transfers: Dispatch = {
+            SendActivation: self._send, SendGrad: self._send,
+            RecvActivation: self._recv, RecvGrad: self._recv,
             SendRecv: self._sendrecv,
         }
-        self._reset(training=False)
+        self.dispatch: Dispatch = {Forward: self._forward, Backward: self._backward, **transfers}
+        self.eval_dispatch: Dispatch = {Forward: self._forward_eval, **transfers}
+        self._start(training=False)
 
     # -- what the trainer calls ---------------------------------------------------------------
     def train_step(self, xs: Sequence[Any], ys: Sequence[Any], keys: Sequence[DropoutKey],
@@ -246,17 +164,17 @@ class PipelineExecutor:
                              f"{len(ys)} targets and {len(keys)} dropout keys")
         if grad_sync is not None:
             grad_sync.set_sync(False)
-        self._reset(training=True, xs=xs, ys=ys, keys=keys)
-        self._run(self.program)
+        self._start(training=True, xs=xs, ys=ys, keys=keys)
+        self._run(self.program, self.dispatch)
         return self._finish_losses()
 
     def forward_only(self, xs: Sequence[Any], ys: Sequence[Any]) -> float:
         """Mean loss over the microbatches, forward only (evaluation); 0.0 off the last stage."""
         if len(xs) != len(ys):
             raise ValueError(f"{len(xs)} inputs but {len(ys)} targets")
-        self._reset(training=False, xs=xs, ys=ys)
         with no_grad():
-            self._run(forward_only_program(self.r, self.p, len(xs), self.v))
+            self._start(training=False, xs=xs, ys=ys)
+            self._run(forward_only_program(self.r, self.p, len(xs), self.v), self.eval_dispatch)
         return self._finish_losses()
 
     def last_logits(self, idx: Any) -> np.ndarray:
@@ -267,9 +185,9 @@ class PipelineExecutor:
         """
         xp = get_xp()
         idx = xp.asarray(idx)
-        self._reset(training=False, xs=[idx], ys=None)
         with no_grad():
-            self._run(forward_only_program(self.r, self.p, 1, self.v))
+            self._start(training=False, xs=[idx], ys=None)
+            self._run(forward_only_program(self.r, self.p, 1, self.v), self.eval_dispatch)
         buf = self.logits if self.logits is not None else xp.empty((1, self.vocab_size),
                                                                   dtype=self.dtype)
         with self.tracer.context(phase="other"):
@@ -286,10 +204,10 @@ class PipelineExecutor:
         comm = self.grid.embed_comm
         if comm is None:
             return
-        tied = [p for p in self._params if p.name == "wte.weight"]
+        tied = [p for p in self._params if p.tied_embedding]
         if len(tied) != 1:
             raise RuntimeError(f"rank {self.r} is in the embedding group but holds "
-                               f"{len(tied)} copies of wte.weight")
+                               f"{len(tied)} copies of the tied token embedding")
         w = tied[0]
         xp = get_xp()
         if w.grad is None:
@@ -300,38 +218,37 @@ class PipelineExecutor:
             # into data parallelism's flat gradient buffer)
             w.grad[...] = comm.allreduce(xp.ascontiguousarray(w.grad))
 
+    def memory_summary(self) -> dict[str, int]:
+        """``{"peak_inflight", "peak_stash_bytes", "buffers", "predicted_inflight"}``."""
+        return {"peak_inflight": self.stats.peak_inflight,
+                "peak_stash_bytes": self.stats.peak_bytes,
+                "buffers": self.stats.buffers,
+                "predicted_inflight": self.report.peak_inflight[self.r]}
+
     # -- running a list ----------------------------------------------------------------------
-    def _reset(self, training: bool, xs: Sequence[Any] = (), ys: Sequence[Any] | None = None,
+    def _start(self, training: bool, xs: Sequence[Any] = (), ys: Sequence[Any] | None = None,
                keys: Sequence[DropoutKey] | None = None) -> None:
-        self.training = training
+        """Forget the last run's books and take this run's microbatches."""
+        self.training = training  # labels communication: forward/backward, or other
         self.xs, self.ys, self.keys = list(xs), ys, keys
         self.inputs: dict[tuple[int, int], Any] = {}  # received activations, not yet used
         self.out_grads: dict[tuple[int, int], Any] = {}  # received dL/d(output)
         self.outputs: dict[tuple[int, int], Tensor] = {}  # computed, not yet sent
         self.in_grads: dict[tuple[int, int], Any] = {}  # dL/d(input), not yet sent
-        # (mb, chunk) -> (input tensor or None, output, stash bytes)
-        self.stash: dict[tuple[int, int], tuple[Tensor | None, Tensor, int]] = {}
-        self.stash_bytes = 0
         self.losses: dict[int, float] = {}
         self.logits: Any = None
+        # The batch's own memory is not activation memory: leave it out of the stash.
+        batch_memory = memory_ids([*self.xs, *(ys or ())])
+        self.stash = Stash(self.stats, self._param_memory | batch_memory)
         if self.xs:
             b, t = self.xs[0].shape
-            # Sequence parallelism splits T between the blocks only when tp divides it; the
-            # first stage learns T from the tokens, the others are told here.
-            set_length = getattr(self.layers, "set_sequence_length", None)
-            if set_length is not None:
-                set_length(t)
-            parts = self.layers.seq_parts
-            if t % parts:
-                raise ValueError(f"a sequence of {t} tokens does not split into {parts} "
-                                 "sequence-parallel parts")
-            self.act_shape = (b, t // parts, self.d_model)  # (mb, T/parts, d)
-            # The batch's own memory is not activation memory: leave it out of the stash.
-            self._batch_memory = {_root(a) for a in self.xs} | {_root(a) for a in ys or ()}
+            # Whether sequence parallelism splits these sequences: every chunk is told T.
+            self.layout = self.layers.sequence_layout(t)
+            self.act_shape = (b, self.layout.local_length, self.d_model)  # (mb, T/parts, d)
 
-    def _run(self, program: Sequence[Instruction]) -> None:
+    def _run(self, program: Sequence[Instruction], dispatch: Dispatch) -> None:
         for instr in program:
-            self.dispatch[type(instr)](instr)
+            dispatch[type(instr)](instr)
         leftovers = [name for name, d in (("stash", self.stash), ("inputs", self.inputs),
                                           ("output grads", self.out_grads),
                                           ("unsent outputs", self.outputs),
@@ -351,54 +268,63 @@ class PipelineExecutor:
         return total
 
     # -- compute -----------------------------------------------------------------------------
+    def _chunk_input(self, mb: int, c: int, requires_grad: bool) -> tuple[Tensor | None, Any]:
+        """What chunk c computes on for microbatch mb, and the leaf ``x`` it came in as.
+
+        Token ids (mb, T) on virtual stage 0 (``x`` None); elsewhere the received activation
+        (mb, T/parts, d) wrapped as a leaf, which in training requires a gradient so that
+        backward leaves dL/dx in ``x.grad``.
+        """
+        if is_first_stage(self.r, c):
+            return None, self.xs[mb]
+        x = Tensor(self.inputs.pop((mb, c)), requires_grad=requires_grad)
+        return x, x
+
     def _forward(self, instr: Forward) -> None:
         """y = chunk_c(x) for microbatch k = mb; on the last virtual stage Lₖ = loss(chunk_c(x)).
 
-        x is the token ids (mb, T) on virtual stage 0, else the received activation
-        (mb, T/parts, d) wrapped as a leaf that requires a gradient, so that backward leaves
-        dL/dx in ``x.grad``. Training keeps (x, y) in the stash until `_backward`.
+        Keeps (x, y) and the graph between them in the stash until `_backward`.
         """
         mb, c = instr.mb, instr.chunk
-        first, last = is_first_stage(self.r, c), is_last_stage(self.r, c, self.p, self.v)
-        x = None
-        if first:
-            inp: Any = self.xs[mb]  # (mb, T) token ids
-        else:
-            x = Tensor(self.inputs.pop((mb, c)), requires_grad=self.training)
-            inp = x  # (mb, T/parts, d)
-        targets = self.ys[mb] if (last and self.ys is not None) else None
-        key = self.keys[mb] if self.keys is not None else None
-        name = span_name("forward", c) if self.training else span_name("eval", c)
-        with self.tracer.span(name, phase="forward" if self.training else "other",
-                              microbatch=mb):
-            out = self.chunks[c](inp, targets, key)
-            if last and targets is not None:
+        last = is_last_stage(self.r, c, self.p, self.v)
+        x, inp = self._chunk_input(mb, c, requires_grad=True)
+        targets = self.ys[mb] if last else None
+        with self.tracer.span(span_name("forward", c), phase="forward", microbatch=mb):
+            out = self.chunks[c](inp, targets, self.keys[mb], seq_len=self.layout.length)
+            if last:
                 self.losses[mb] = float(out.data)
-                if self.training:  # backward starts from Lₖ/M, as in the 1-process loop
-                    out = out * (1.0 / self.m)
-        if not self.training:
-            if x is not None:
-                self.pool.give(x.data)
-            if last and targets is None:
-                self.logits = get_xp().ascontiguousarray(out.data[:, -1, :])  # (1, vocab)
-            elif not last:
-                self.outputs[(mb, c)] = out
-            return
+                out = out * (1.0 / self.m)  # backward starts from Lₖ/M, as in the 1-process loop
         if not last:
             self.outputs[(mb, c)] = out
-        held = [x.data] if x is not None else []
-        nbytes = graph_bytes(out, held, self._param_memory | self._batch_memory)
-        self.stash[(mb, c)] = (x, out, nbytes)
-        self.stash_bytes += nbytes
-        self.stats.peak_inflight = max(self.stats.peak_inflight, len(self.stash))
-        self.stats.peak_bytes = max(self.stats.peak_bytes, self.stash_bytes)
+        self.stash.keep((mb, c), x, out)
+
+    def _forward_eval(self, instr: Forward) -> None:
+        """y = chunk_c(x) without a graph (evaluation, generation); nothing waits for a backward.
+
+        The input buffer goes back to the pool at once. The last virtual stage keeps the loss
+        or, without targets (generation), the logits of the last position, (1, vocab).
+        """
+        mb, c = instr.mb, instr.chunk
+        last = is_last_stage(self.r, c, self.p, self.v)
+        x, inp = self._chunk_input(mb, c, requires_grad=False)
+        targets = self.ys[mb] if (last and self.ys is not None) else None
+        with self.tracer.span(span_name("eval", c), phase="other", microbatch=mb):
+            out = self.chunks[c](inp, targets, seq_len=self.layout.length)
+            if targets is not None:
+                self.losses[mb] = float(out.data)
+        if x is not None:
+            self.pool.give(x.data)
+        if not last:
+            self.outputs[(mb, c)] = out
+        elif targets is None:
+            self.logits = get_xp().ascontiguousarray(out.data[:, -1, :])  # (1, vocab)
 
     def _backward(self, instr: Backward) -> None:
         """Backpropagate dL/dy through chunk c: parameter gradients accumulate (+=) and
         dL/dx = (∂y/∂x)ᵀ dL/dy is kept for `SendGrad`. dL/dy is the received gradient, or 1
         for y = Lₖ/M on the last virtual stage."""
         mb, c = instr.mb, instr.chunk
-        x, out, nbytes = self.stash.pop((mb, c))
+        x, out = self.stash.release((mb, c))
         with self.tracer.span(span_name("backward", c), phase="backward", microbatch=mb):
             if is_last_stage(self.r, c, self.p, self.v):
                 out.backward()  # out = Lₖ/M, a scalar: dL/dout = 1
@@ -406,7 +332,6 @@ class PipelineExecutor:
                 grad = self.out_grads.pop((mb, c))  # (mb, T/parts, d)
                 out.backward(grad)
                 self.pool.give(grad)
-        self.stash_bytes -= nbytes
         if x is not None:
             self.in_grads[(mb, c)] = x.grad
             self.pool.give(x.data)  # the graph that saved it is gone
@@ -464,14 +389,5 @@ class PipelineExecutor:
         self._arrived(recv, buf)
         self.stats.buffers = self.pool.allocated
 
-    # -- reporting ---------------------------------------------------------------------------
-    def memory_summary(self) -> dict[str, int]:
-        """``{"peak_inflight", "peak_stash_bytes", "buffers", "predicted_inflight"}``."""
-        return {"peak_inflight": self.stats.peak_inflight,
-                "peak_stash_bytes": self.stats.peak_bytes,
-                "buffers": self.stats.buffers,
-                "predicted_inflight": self.report.peak_inflight[self.r]}
 
-
-__all__ = ["BufferPool", "PipelineConfig", "PipelineExecutor", "StashStats",
-           "forward_only_program", "graph_bytes"]
+__all__ = ["PipelineConfig", "PipelineExecutor", "forward_only_program"]

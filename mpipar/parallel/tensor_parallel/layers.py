@@ -19,6 +19,16 @@ With ``sequence_parallel`` the LayerNorms, dropouts and residual adds work on on
 the sequence per rank: f becomes an all-gather of the sequence and g a reduce-scatter of it.
 Parameters are created with their slice of the 1-process model's values (``full_shape``,
 ``shard_index``, ``local_index``, ``replicated_in_tp``), so every layout starts identically.
+
+Whether a forward pass splits the sequence is decided per pass, not per model: training and
+evaluation always run ``seq_len`` tokens, which t must divide, but generation grows the
+sequence one token at a time. So the decision travels with the activations, as the
+:class:`mpipar.model.SequenceLayout` that the GPT asks for at the start of every forward pass
+(:meth:`TensorParallelLayers.sequence_layout`, from the full length T) and passes to every
+block, linear layer and the head: ``layout.split`` chooses all-gather / reduce-scatter or
+f / g, ``layout.index`` slices dropout masks. A pipeline stage without the embedding sees only
+T/t positions, so the executor tells its chunk T (``GPT.forward(..., seq_len=T)``). The layers
+object and its modules hold nothing that changes from one forward pass to the next.
 """
 
 from __future__ import annotations
@@ -30,9 +40,10 @@ from typing import Any
 import numpy as np
 
 from mpipar import ops
-from mpipar.autograd import Function, Tensor
+from mpipar.autograd import Function, Tensor, is_grad_enabled
 from mpipar.backend import array_module
 from mpipar.comm import Comm
+from mpipar.model import SequenceLayout
 from mpipar.nn import Init, Module, Parameter
 from mpipar.parallel.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from mpipar.parallel.tensor_parallel.mappings import (
@@ -47,11 +58,6 @@ from mpipar.parallel.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
     scatter_to_tensor_parallel_region,
 )
-
-# Replicated parameters used *before* the sequence is split (``enter_blocks``): their
-# gradient is already complete on every rank under sequence parallelism (see
-# ``TensorParallelLayers.sync_replicated_grads``).
-OUTSIDE_SEQUENCE_REGION = ("wpe.",)
 
 
 def divide(n: int, t: int, what: str) -> int:
@@ -134,13 +140,10 @@ class ColumnParallelLinear(Module):
         self.layers = layers
         self.gather_output = gather_output
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, layout: SequenceLayout) -> Tensor:
         comm = self.layers.comm
-        if self.layers.sequence_split:
+        if layout.split:
             y = SequenceParallelLinear.apply(x, self.weight, self.bias, comm=comm)
-            # The full length, for seq_index: a pipeline stage that starts with a block
-            # learns it here, before any residual dropout needs it.
-            self.layers.seq_len = y.shape[SEQUENCE_AXIS]
         else:
             y = ops.linear(copy_to_tensor_parallel_region(x, comm), self.weight, self.bias)
         if self.gather_output:
@@ -169,12 +172,12 @@ class RowParallelLinear(Module):
         self.layers = layers
         self.input_is_parallel = input_is_parallel
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, layout: SequenceLayout) -> Tensor:
         comm = self.layers.comm
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, comm)
         partial = ops.linear(x, self.weight)  # (B, T, d_out): this rank's share of the sum
-        if self.layers.sequence_split:
+        if layout.split:
             y = reduce_scatter_to_sequence_parallel_region(partial, comm)  # (B, T/t, d_out)
         else:
             y = reduce_from_tensor_parallel_region(partial, comm)  # (B, T, d_out)
@@ -238,18 +241,18 @@ class TensorParallelLayers:
     """The parallel counterpart of :class:`mpipar.model.SerialLayers` over ``tp_comm``.
 
     ``sequence_parallel`` (Korthikanti et al. 2022) splits the sequence between the blocks'
-    linear layers. A forward pass decides whether it actually does so in ``enter_blocks``:
-    only when t divides its sequence length T. Training and evaluation always use
-    ``seq_len`` (which ``grid.validate_layout`` requires t to divide); generation grows the
-    sequence one token at a time, and for a T that t does not divide the pass simply runs
-    without the split: the same arithmetic on the whole sequence (f and g instead of
-    all-gather and reduce-scatter), so the result is the same.
+    linear layers. Each forward pass decides whether it actually does so
+    (:meth:`sequence_layout`): only when t divides its sequence length T. Training and
+    evaluation always use ``seq_len`` (which ``grid.validate_layout`` requires t to divide);
+    generation grows the sequence one token at a time, and for a T that t does not divide the
+    pass simply runs without the split: the same arithmetic on the whole sequence (f and g
+    instead of all-gather and reduce-scatter), so the result is the same.
 
     Dropout: every rank draws the mask of the whole global activation from
     (seed, step, site) and applies its slice (``nn.Dropout.mask_from_full``): ``head_index``
-    for the attention probabilities, ``seq_index`` for the residual stream under sequence
-    parallelism. Replicated activations thus get the same mask on every rank (they stay
-    identical) and split ones their own part of it, exactly as in the 1-process model.
+    for the attention probabilities, the layout's ``index`` for the residual stream under
+    sequence parallelism. Replicated activations thus get the same mask on every rank (they
+    stay identical) and split ones their own part of it, exactly as in the 1-process model.
     """
 
     def __init__(self, tp_comm: Comm, dtype: Any = np.float32, *,
@@ -259,37 +262,27 @@ class TensorParallelLayers:
         self.tp_rank = tp_comm.rank
         self.dtype = np.dtype(dtype)
         self.sequence_parallel = sequence_parallel and tp_comm.size > 1
-        # Whether the current forward pass splits the sequence, and its full length T.
-        self.sequence_split = self.sequence_parallel
-        self.seq_len: int | None = None
 
     # -- which part of a full activation this rank holds ------------------------------------
-    @property
-    def seq_parts(self) -> int:
-        """Into how many pieces the residual stream's sequence axis is split (t or 1)."""
-        return self.tp_size if self.sequence_split else 1
+    def sequence_layout(self, length: int) -> SequenceLayout:
+        """How a forward pass over sequences of ``length`` = T tokens holds them.
 
-    @property
-    def seq_index(self) -> tuple:
-        """This rank's piece of the sequence axis, (slice(r·T/t, (r+1)·T/t),), or ()."""
-        if not self.sequence_split:
-            return ()
-        if self.seq_len is None:
-            raise RuntimeError("sequence parallelism: the sequence length is not known yet; call "
-                               "set_sequence_length(T) before the blocks")
-        n = self.seq_len // self.tp_size
-        return (slice(self.tp_rank * n, (self.tp_rank + 1) * n),)
-
-    def set_sequence_length(self, t: int) -> None:
-        """Start a forward pass over sequences of length ``t``: split them iff tp divides t.
-
-        ``enter_blocks`` calls this. A pipeline stage without the embedding keeps the
-        configured mode (its received activations are already split) and learns T from its
-        first column-parallel layer; to run a length t does not divide (generation) it must
-        call this with the full T before its blocks.
+        Under sequence parallelism with t | T: t pieces, this rank's being positions
+        r·T/t .. (r+1)·T/t. Otherwise (no sequence parallelism, or a generation length t does
+        not divide) the whole sequence. A pass that computes gradients must split when
+        sequence parallelism is on: `sync_replicated_grads` counts on it.
         """
-        self.seq_len = t
-        self.sequence_split = self.sequence_parallel and t % self.tp_size == 0
+        if not self.sequence_parallel:
+            return SequenceLayout(length)
+        if length % self.tp_size:
+            if is_grad_enabled():
+                raise ValueError(f"sequence parallelism: a training pass needs the sequence "
+                                 f"length {length} divisible by the tensor-parallel size "
+                                 f"{self.tp_size}")
+            return SequenceLayout(length)
+        n = length // self.tp_size
+        piece = slice(self.tp_rank * n, (self.tp_rank + 1) * n)
+        return SequenceLayout(length, self.tp_size, (piece,))
 
     def head_index(self, n_head: int) -> tuple:
         """This rank's heads on axis 1 of the attention probabilities (B, H, T, T)."""
@@ -310,7 +303,7 @@ class TensorParallelLayers:
         return VocabParallelEmbedding(self, vocab_size, d_model)
 
     # -- the sequence-parallel region --------------------------------------------------------
-    def enter_blocks(self, x: Tensor) -> Tensor:
+    def enter_blocks(self, x: Tensor, layout: SequenceLayout) -> Tensor:
         """Split the sequence (B, T, d) → (B, T/t, d) under sequence parallelism.
 
         The GPT adds the position embedding wpe[0..T) to the token embedding *before* this
@@ -319,37 +312,37 @@ class TensorParallelLayers:
         communication in forward; backward all-gathers, so wpe's gradient is complete on
         every rank). Reduce-scattering the embedding instead would need wpe added per piece.
         """
-        self.set_sequence_length(x.shape[SEQUENCE_AXIS])
-        if not self.sequence_split:
+        if not layout.split:
             return x
         return scatter_to_sequence_parallel_region(x, self.comm)
 
-    def exit_blocks(self, x: Tensor) -> Tensor:
+    def exit_blocks(self, x: Tensor, layout: SequenceLayout) -> Tensor:
         """Gather the sequence back, (B, T/t, d) → (B, T, d), for the head (backward:
         reduce-scatter, which also sums the ranks' partial dh of the vocab-split head)."""
-        if not self.sequence_split:
+        if not layout.split:
             return x
         return gather_from_sequence_parallel_region(x, self.comm)
 
     # -- the tied head -----------------------------------------------------------------------
-    def _head_input(self, h: Tensor) -> Tensor:
+    def _head_input(self, h: Tensor, layout: SequenceLayout) -> Tensor:
         # Without the split, f: each rank's dh = dz_r W_r is a share of the whole. With it,
         # exit_blocks's reduce-scatter already sums those shares.
-        return h if self.sequence_split else copy_to_tensor_parallel_region(h, self.comm)
+        return h if layout.split else copy_to_tensor_parallel_region(h, self.comm)
 
-    def lm_loss(self, h: Tensor, wte: Parameter, targets: Any) -> Tensor:
+    def lm_loss(self, h: Tensor, wte: Parameter, targets: Any,
+                layout: SequenceLayout) -> Tensor:
         """Mean cross-entropy of the tied head, logits split by vocabulary (never gathered).
 
         z_r = h · W_rᵀ is (B, T, V'/t): the logits of this rank's rows of the table.
         """
-        logits = ops.linear(self._head_input(h), wte)  # (B, T, V'/t)
+        logits = ops.linear(self._head_input(h, layout), wte)  # (B, T, V'/t)
         vocab_start = self.tp_rank * wte.shape[0]
         return vocab_parallel_cross_entropy(logits, targets, vocab_start, wte.full_shape[0],
                                             self.comm)
 
-    def lm_logits(self, h: Tensor, wte: Parameter) -> Tensor:
+    def lm_logits(self, h: Tensor, wte: Parameter, layout: SequenceLayout) -> Tensor:
         """Full logits (B, T, V), identical on every rank: all-gathered, padding dropped."""
-        logits = ops.linear(self._head_input(h), wte)  # (B, T, V'/t)
+        logits = ops.linear(self._head_input(h, layout), wte)  # (B, T, V'/t)
         full = gather_from_tensor_parallel_region(logits, self.comm)  # (B, T, V')
         return full[..., :wte.full_shape[0]]
 
@@ -366,13 +359,15 @@ class TensorParallelLayers:
         With sequence parallelism the LayerNorms, the row-parallel biases and ln_f act on one
         piece of the sequence per rank, so their gradient is a sum over that piece only: the
         pieces are all-reduced here, in one call for all of them (Korthikanti et al. 2022).
-        wpe is the exception: it is added before the split (``enter_blocks``).
+        wpe is the exception (``before_sequence_split``): it is added before the split
+        (``enter_blocks``). Every pass that computes gradients splits the sequence under
+        sequence parallelism (`sequence_layout`), so the configured mode says which case holds.
         """
-        if not self.sequence_split:
+        if not self.sequence_parallel:
             return
         partial = [p for p in params
                    if p.replicated_in_tp and p.grad is not None
-                   and not p.name.startswith(OUTSIDE_SEQUENCE_REGION)]
+                   and not p.before_sequence_split]
         if not partial:
             return
         xp = array_module(partial[0].grad)
