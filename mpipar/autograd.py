@@ -273,9 +273,6 @@ def topological_order(root: Tensor) -> list[Tensor]:
     return order
 
 
-_topological_order = topological_order  # an older name, still imported by a tutorial example
-
-
 # ---- what backward keeps ----------------------------------------------------------------------
 
 

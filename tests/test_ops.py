@@ -255,9 +255,9 @@ def _functions_in_graph(out: Tensor) -> set[type]:
         if id(t) in seen:
             continue
         seen.add(id(t))
-        if t._fn is not None:
-            found.add(t._fn)
-        stack.extend(t._parents)
+        if t.fn is not None:
+            found.add(t.fn)
+        stack.extend(t.parents)
     return found
 
 

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from mpipar import ops
-from mpipar.autograd import Tensor, _topological_order
+from mpipar.autograd import Tensor, topological_order
 
 
 def fused(z: Tensor, t: np.ndarray) -> Tensor:
@@ -40,7 +40,7 @@ def naive(z: Tensor, t: np.ndarray) -> Tensor:
 def loss_and_grad(fn, z_value: np.ndarray, t: np.ndarray) -> tuple[float, np.ndarray, int]:
     z = Tensor(z_value.copy(), requires_grad=True)
     loss = fn(z, t)
-    nodes = sum(1 for n in _topological_order(loss) if n._fn is not None)
+    nodes = sum(1 for n in topological_order(loss) if n.fn is not None)
     loss.backward()
     return loss.item(), z.grad, nodes
 

@@ -10,7 +10,7 @@ splits over the vocabulary:
     s   = Σ_v exp(z_v − m)            local sum, then all-reduce(sum)
     z_t = z_target − m                the one rank holding column t knows it, the others add 0
 
-    loss = (1/N) Σ_n (log s_n − z_t,n)                  (the same formula as ops.CrossEntropy)
+    loss = (1/N) Σ_n (log s_n − z_t,n)                  (the same formula as fused.CrossEntropy)
 
 so each rank sends 2 numbers per position (the max, then the sum and the target logit in one
 buffer) instead of V/t. Backward needs no communication: dL/dz_v = (softmax_v − [v = t]) / N
