@@ -211,7 +211,31 @@ def _load_into(state: Mapping[str, object], d: Mapping[str, np.ndarray], what: s
         live[...] = xp.asarray(to_numpy(d[k]))
 
 
-class SGD:
+class Optimizer:
+    """What every optimizer over whole (unsharded) gradients shares with the training loop.
+
+    ``params`` are the parameters it updates (unique, named); gradients live in ``p.grad``.
+    The trainer asks for this rank's share of the squared gradient norm and for clipping
+    through these two methods, so a sharded optimizer (ZeRO) can answer them its own way.
+    """
+
+    params: list[Parameter]
+
+    def zero_grad(self) -> None:
+        """Drop all gradients (the next backward starts them afresh)."""
+        for p in self.params:
+            p.grad = None
+
+    def grad_norm_sq(self, owned: Callable[[Parameter], bool]) -> float:
+        """Σ g² (float64) over the gradients of this rank's parameters with ``owned(p)``."""
+        return grad_norm_sq(p for p in self.params if owned(p))
+
+    def clip(self, norm: float, max_norm: float) -> None:
+        """Scale every gradient by max_norm / (norm + 10⁻⁶) when ``norm`` (global) > max_norm."""
+        scale_to_max_norm(self.params, norm, max_norm)
+
+
+class SGD(Optimizer):
     """Stochastic gradient descent with optional momentum and decoupled weight decay.
 
     See :func:`sgd_update` for the rule. Weight decay, when set, applies to every parameter.
@@ -246,19 +270,6 @@ class SGD:
                 weight_decay=self.weight_decay,
             )
 
-    def zero_grad(self) -> None:
-        """Drop all gradients (the next backward starts them afresh)."""
-        for p in self.params:
-            p.grad = None
-
-    def grad_norm_sq(self, owned: Callable[[Parameter], bool]) -> float:
-        """Σ g² (float64) over the gradients of this rank's parameters with ``owned(p)``."""
-        return grad_norm_sq(p for p in self.params if owned(p))
-
-    def clip(self, norm: float, max_norm: float) -> None:
-        """Scale every gradient by max_norm / (norm + 10⁻⁶) when ``norm`` (global) > max_norm."""
-        scale_to_max_norm(self.params, norm, max_norm)
-
     def _live_state(self) -> dict[str, object]:
         return {state_key("sgd", "momentum", name): b for name, b in self.bufs.items()}
 
@@ -272,7 +283,7 @@ class SGD:
         _load_into(self._live_state(), d, "SGD")
 
 
-class AdamW:
+class AdamW(Optimizer):
     """Adam with decoupled weight decay (see :func:`adamw_update`).
 
     Weight decay applies only to parameters with ``ndim ≥ 2`` (:func:`decay_mask`): weight
@@ -328,19 +339,6 @@ class AdamW:
                 step=self.step_count,
                 scratch=self._scratch_for(p.data),
             )
-
-    def zero_grad(self) -> None:
-        """Drop all gradients (the next backward starts them afresh)."""
-        for p in self.params:
-            p.grad = None
-
-    def grad_norm_sq(self, owned: Callable[[Parameter], bool]) -> float:
-        """Σ g² (float64) over the gradients of this rank's parameters with ``owned(p)``."""
-        return grad_norm_sq(p for p in self.params if owned(p))
-
-    def clip(self, norm: float, max_norm: float) -> None:
-        """Scale every gradient by max_norm / (norm + 10⁻⁶) when ``norm`` (global) > max_norm."""
-        scale_to_max_norm(self.params, norm, max_norm)
 
     def _live_state(self) -> dict[str, object]:
         state: dict[str, object] = {}

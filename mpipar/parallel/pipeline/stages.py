@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from mpipar.model import GPT, GPTConfig, SerialLayers
+from mpipar.parallel.ring import chunk_bounds
 
 
 class PipelinePosition(Protocol):
@@ -46,13 +47,7 @@ def stage_bounds(n_layer: int, num_stages: int) -> list[tuple[int, int]]:
         raise ValueError(
             f"{n_layer} layers cannot fill {num_stages} stages: every stage needs a layer"
         )
-    base, extra = divmod(n_layer, num_stages)
-    bounds, lo = [], 0
-    for s in range(num_stages):
-        hi = lo + base + (1 if s < extra else 0)
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds
+    return chunk_bounds(n_layer, num_stages)  # the even split the ring uses for its chunks
 
 
 def build_stage_chunks(cfg: GPTConfig, layers: SerialLayers, grid: PipelinePosition,
