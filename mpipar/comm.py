@@ -103,7 +103,9 @@ class Request:
 
     Until completion the buffer belongs to MPI: don't read a receive buffer or write a send
     buffer. The trace record spans launch to completion (as seen by ``wait``/``test``), so
-    its duration includes the time the call overlapped with compute.
+    its duration includes the time the call overlapped with compute; its ``waited`` field is
+    the part of it this rank spent blocked in ``wait`` (0 when ``test`` found it done), the
+    communication time the overlap did not hide.
     """
 
     def __init__(
@@ -133,34 +135,40 @@ class Request:
     def wait(self) -> Any:
         """Block until complete; returns the buffer (for a receive: now holding the data)."""
         if not self.done:
+            blocked_from = self._clock()
             self._req.Wait()
-            self._finish()
+            self._finish(self._clock() - blocked_from)
         return self.buf
 
     def test(self) -> bool:
         """True (and the buffer is ready) if the call has completed; never blocks."""
         if not self.done and self._req.Test():
-            self._finish()
+            self._finish(0.0)
         return self.done
 
-    def _finish(self) -> None:
+    def _clock(self) -> float:
+        """``time.perf_counter()`` when traced; untraced, 0.0 without reading the clock."""
+        return time.perf_counter() if self._stamp is not None else 0.0
+
+    def _finish(self, waited: float) -> None:
         self.done = True
         if self._copy_out:
             _unstage(self.buf, self._staged)
         if self._stamp is not None:
             phase, step, microbatch = self._stamp
             self.comm._record(self._op, self.buf, self._peer, self._start,
-                              phase=phase, step=step, microbatch=microbatch)
+                              phase=phase, step=step, microbatch=microbatch, waited=waited)
 
 
 def wait_all(requests: Sequence[Request]) -> list[Any]:
-    """Wait for every request (one ``MPI_Waitall``); returns their buffers in order."""
-    pending = [r for r in requests if not r.done]
-    if pending:
-        MPI.Request.Waitall([r._req for r in pending])
-        for r in pending:
-            r._finish()
-    return [r.buf for r in requests]
+    """Wait for every request, in order; returns their buffers in order.
+
+    One ``Wait`` each rather than one ``Waitall``, so that each record's ``waited`` is the
+    time this rank blocked until that request completed, after the ones before it: the
+    blocked times add up to the whole wait, and none of it is counted twice. (Every request
+    is already started, so the order of the waits cannot deadlock.)
+    """
+    return [r.wait() for r in requests]
 
 
 class Comm:

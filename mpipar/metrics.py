@@ -57,13 +57,22 @@ def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def memory_record(memory: dict[str, int], itemsize: int) -> dict[str, int]:
+    """This rank's memory for the summary, in bytes: its parameters, gradient storage and
+    optimizer state (from a ZeRO memory report, ``memory``, of elements of ``itemsize``
+    bytes), and the peak resident memory of the whole process."""
+    return {"parameters": memory["params"] * itemsize, "gradients": memory["grad_bytes"],
+            "optimizer_state": memory["optimizer_state_bytes"], "peak": peak_memory_bytes()}
+
+
 def merge_totals(all_totals: list[dict]) -> dict[str, dict[str, float]]:
-    """Sum per-rank ``"op|group"`` totals: calls, bytes and time over all ranks."""
+    """Sum per-rank ``"op|group"`` totals over all ranks: calls, bytes, time (launch to
+    completion) and exposed time (what held the ranks up; see `mpipar.trace.comm_totals`)."""
     merged: dict[str, dict[str, float]] = {}
     for totals in all_totals:
         for key, v in totals.items():
-            acc = merged.setdefault(key, {"calls": 0, "bytes": 0, "time": 0.0})
-            for field in ("calls", "bytes", "time"):
+            acc = merged.setdefault(key, {"calls": 0, "bytes": 0, "time": 0.0, "exposed": 0.0})
+            for field in acc:
                 acc[field] += v[field]
     return merged
 

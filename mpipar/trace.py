@@ -11,7 +11,10 @@ sends and receives and the idle gaps between them (the pipeline *bubble*) can be
 From the records we derive
 
 * :meth:`Tracer.totals` (:func:`comm_totals`) and :func:`format_summary_table`: calls,
-  bytes and seconds per (op, group), the table printed at the end of a run;
+  bytes and seconds per (op, group), the table printed at the end of a run. The seconds are
+  split in two: **exposed**, the time the rank was held up (a blocking call's whole
+  duration, a non-blocking call's ``wait``), and **overlapped**, the rest of a non-blocking
+  call's launch-to-completion span, hidden behind compute;
 * :func:`to_chrome_trace`: a Chrome/Perfetto ``traceEvents`` file (open it at
   ``ui.perfetto.dev`` or ``chrome://tracing``): one process per rank, one thread per kind of
   activity;
@@ -51,6 +54,8 @@ class TraceRecord:
     rank handed to the call as input, its contribution, not the traffic of whatever algorithm
     MPI chose underneath. ``start``/``end`` are ``time.perf_counter()`` seconds; on one machine
     that clock is shared by all processes, so records of different ranks line up.
+    ``waited`` is, for a non-blocking call, the seconds this rank spent blocked waiting for it
+    to complete, and ``None`` for a blocking call, which blocks for its whole duration.
     """
 
     rank: int
@@ -66,11 +71,17 @@ class TraceRecord:
     start: float
     end: float
     name: str = ""
+    waited: float | None = None
 
     @property
     def duration(self) -> float:
         """Seconds between start and end (for a non-blocking call: launch to wait)."""
         return self.end - self.start
+
+    @property
+    def exposed(self) -> float:
+        """Seconds the call held this rank up: all of a blocking call, a request's wait."""
+        return self.duration if self.waited is None else self.waited
 
 
 class Tracer:
@@ -126,11 +137,13 @@ class Tracer:
         phase: str | None = None,
         step: int | None = None,
         microbatch: int | None = None,
+        waited: float | None = None,
     ) -> None:
         """Append a record stamped with the current phase/step/microbatch (if enabled).
 
         A non-blocking call is recorded when it is waited on, possibly in another phase, so
-        it passes the ``phase``/``step``/``microbatch`` captured at launch explicitly.
+        it passes the ``phase``/``step``/``microbatch`` captured at launch explicitly, and
+        the seconds it blocked in its wait as ``waited``.
         """
         if not self.enabled:
             return
@@ -149,6 +162,7 @@ class Tracer:
                 start=start,
                 end=end,
                 name=name,
+                waited=waited,
             )
         )
 
@@ -175,7 +189,8 @@ class Tracer:
                 self.record(COMPUTE, "", None, 0, "", (), start, time.perf_counter(), name=name)
 
     def totals(self) -> dict[tuple[str, str], dict[str, float]]:
-        """``{(op, group): {"calls", "bytes", "time"}}`` over communication records."""
+        """``{(op, group): {"calls", "bytes", "time", "exposed"}}`` over communication
+        records."""
         return comm_totals(self.records)
 
     def write_jsonl(self, path: str, records: Iterable[TraceRecord] | None = None) -> None:
@@ -190,17 +205,18 @@ class Tracer:
 def comm_totals(records: Iterable[TraceRecord]) -> dict[tuple[str, str], dict[str, float]]:
     """Sum calls, bytes and seconds per (op, group) over communication records.
 
+    ``time`` adds up each call's launch-to-completion span, ``exposed`` only what held the
+    rank up (:attr:`TraceRecord.exposed`); ``time − exposed`` was overlapped with compute.
     Compute spans are left out: this is the communication bill. Keys come out sorted.
     """
-    acc: dict[tuple[str, str], dict[str, float]] = {}
-    for r in records:
-        if r.op == COMPUTE:
-            continue
-        row = acc.setdefault((r.op, r.group), {"calls": 0, "bytes": 0, "time": 0.0})
-        row["calls"] += 1
-        row["bytes"] += r.nbytes
-        row["time"] += r.end - r.start
-    return dict(sorted(acc.items()))
+    return grouped_totals(records, ("op", "group"))
+
+
+def _add(row: dict[str, float], r: TraceRecord) -> None:
+    row["calls"] += 1
+    row["bytes"] += r.nbytes
+    row["time"] += r.duration
+    row["exposed"] += r.exposed
 
 
 def human_bytes(n: float) -> str:
@@ -215,30 +231,33 @@ def human_bytes(n: float) -> str:
 def format_summary_table(
     totals: dict[tuple[str, str], dict[str, float]], total_time_s: float
 ) -> str:
-    """A fixed-width table: one row per (op, group) with calls, bytes, seconds and share.
+    """A fixed-width table: one row per (op, group) with calls, bytes, exposed and overlapped
+    seconds, and share.
 
-    ``share`` is the row's time as a fraction of ``total_time_s`` (the wall time of the run),
-    so it answers "how much of the run was spent waiting in this kind of call". Blocking-call
-    time includes waiting for slower peers, which is often the larger part.
+    ``exposed s`` is the time the calls held the rank up (blocking calls whole, non-blocking
+    ones while waited on), ``overlapped s`` the rest of the non-blocking calls' spans, hidden
+    behind compute. ``share`` is the exposed time as a fraction of ``total_time_s`` (the wall
+    time of the run), so it answers "how much of the run was spent waiting in this kind of
+    call", and the shares add up to at most 100%. Blocking-call time includes waiting for
+    slower peers, which is often the larger part.
     """
-    header = f"{'op':<16}{'group':<8}{'calls':>9}{'bytes':>14}{'time s':>11}{'share':>9}"
+    header = (f"{'op':<16}{'group':<8}{'calls':>9}{'bytes':>14}{'exposed s':>11}"
+              f"{'overlapped s':>14}{'share':>9}")
     lines = [header, "-" * len(header)]
-    sum_calls, sum_bytes, sum_time = 0, 0, 0.0
+    total = {"calls": 0, "bytes": 0, "time": 0.0, "exposed": 0.0}
     for (op, group), row in totals.items():
-        share = row["time"] / total_time_s if total_time_s > 0 else 0.0
-        lines.append(
-            f"{op:<16}{group:<8}{int(row['calls']):>9}{human_bytes(row['bytes']):>14}"
-            f"{row['time']:>11.4f}{share:>8.1%} "
-        )
-        sum_calls += int(row["calls"])
-        sum_bytes += int(row["bytes"])
-        sum_time += row["time"]
+        lines.append(f"{op:<16}{group:<8}" + _summary_numbers(row, total_time_s))
+        for field in total:
+            total[field] += row[field]
     lines.append("-" * len(header))
-    share = sum_time / total_time_s if total_time_s > 0 else 0.0
-    lines.append(
-        f"{'total':<24}{sum_calls:>9}{human_bytes(sum_bytes):>14}{sum_time:>11.4f}{share:>8.1%} "
-    )
-    return "\n".join(line.rstrip() for line in lines)
+    lines.append(f"{'total':<24}" + _summary_numbers(total, total_time_s))
+    return "\n".join(lines)
+
+
+def _summary_numbers(row: dict[str, float], total_time_s: float) -> str:
+    share = row["exposed"] / total_time_s if total_time_s > 0 else 0.0
+    return (f"{int(row['calls']):>9}{human_bytes(row['bytes']):>14}{row['exposed']:>11.4f}"
+            f"{row['time'] - row['exposed']:>14.4f}{share:>9.1%}")
 
 
 def _kind(r: TraceRecord) -> str:
@@ -340,7 +359,8 @@ def grouped_totals(
     ``by`` names fields of :class:`TraceRecord` among :data:`SUMMARY_FIELDS`; the keys of the
     result are tuples of their values, in that order, and come out sorted (phases in the order
     forward, backward, optimizer, other). With ``step`` only that step's records count.
-    Compute spans are left out, as in :func:`comm_totals`.
+    Each row holds ``calls``, ``bytes``, ``time`` and ``exposed`` (see :func:`comm_totals`).
+    Compute spans are left out.
     """
     unknown = [f for f in by if f not in SUMMARY_FIELDS]
     if unknown or not by:
@@ -351,10 +371,8 @@ def grouped_totals(
         if r.op == COMPUTE or (step is not None and r.step != step):
             continue
         row = acc.setdefault(tuple(getattr(r, f) for f in by),
-                             {"calls": 0, "bytes": 0, "time": 0.0})
-        row["calls"] += 1
-        row["bytes"] += r.nbytes
-        row["time"] += r.end - r.start
+                             {"calls": 0, "bytes": 0, "time": 0.0, "exposed": 0.0})
+        _add(row, r)
     return dict(sorted(acc.items(), key=lambda item: _sort_key(by, item[0])))
 
 

@@ -83,8 +83,9 @@ def test_totals_sum_communication_per_op_and_group_and_skip_compute():
         pass
     totals = tracer.totals()
     assert list(totals) == [("allreduce", "dp"), ("allreduce", "tp"), ("send", "pp")]
-    assert totals[("allreduce", "dp")] == {"calls": 2, "bytes": 400, "time": 0.75}
-    assert totals[("send", "pp")] == {"calls": 1, "bytes": 40, "time": 0.5}
+    assert totals[("allreduce", "dp")] == {"calls": 2, "bytes": 400, "time": 0.75,
+                                           "exposed": 0.75}
+    assert totals[("send", "pp")] == {"calls": 1, "bytes": 40, "time": 0.5, "exposed": 0.5}
     assert comm_totals(tracer.records) == totals
     tracer.clear()
     assert tracer.records == [] and tracer.totals() == {}
@@ -98,18 +99,34 @@ def test_human_bytes():
     assert human_bytes(3 * 2**40) == "3072.00 GiB"
 
 
+def test_exposed_time_of_blocking_and_non_blocking_calls():
+    """A blocking call holds the rank up for all of its span; a request only while waited."""
+    tracer = Tracer(rank=0, enabled=True)
+    rec(tracer, "allreduce", "dp", 8, 0.0, 0.5)
+    tracer.record("iallreduce", "dp", None, 64, "float32", (16,), 1.0, 4.0, waited=0.25)
+    blocking, request = tracer.records
+    assert (blocking.waited, blocking.exposed) == (None, 0.5)
+    assert (request.duration, request.exposed) == (3.0, 0.25)
+    totals = tracer.totals()
+    assert totals[("iallreduce", "dp")] == {"calls": 1, "bytes": 64, "time": 3.0,
+                                            "exposed": 0.25}
+
+
 def test_summary_table_rows_and_shares():
+    """Four overlapped all-reduces spanning 30 s in a 10 s run, 1 s of it waited: the share
+    counts the waited second (10%), not the 300% that launch-to-completion time would give."""
     totals = {
-        ("allreduce", "dp"): {"calls": 4, "bytes": 4 * 2**20, "time": 1.0},
-        ("send", "pp"): {"calls": 10, "bytes": 2048, "time": 0.5},
+        ("iallreduce", "dp"): {"calls": 4, "bytes": 4 * 2**20, "time": 30.0, "exposed": 1.0},
+        ("send", "pp"): {"calls": 10, "bytes": 2048, "time": 0.5, "exposed": 0.5},
     }
     table = format_summary_table(totals, total_time_s=10.0)
     lines = table.splitlines()
-    assert lines[0].split() == ["op", "group", "calls", "bytes", "time", "s", "share"]
+    assert lines[0].split() == ["op", "group", "calls", "bytes", "exposed", "s", "overlapped",
+                                "s", "share"]
     row = lines[2].split()
-    assert row == ["allreduce", "dp", "4", "4.00", "MiB", "1.0000", "10.0%"], row
-    assert lines[3].split() == ["send", "pp", "10", "2.00", "KiB", "0.5000", "5.0%"]
-    assert lines[-1].split() == ["total", "14", "4.00", "MiB", "1.5000", "15.0%"]
+    assert row == ["iallreduce", "dp", "4", "4.00", "MiB", "1.0000", "29.0000", "10.0%"], row
+    assert lines[3].split() == ["send", "pp", "10", "2.00", "KiB", "0.5000", "0.0000", "5.0%"]
+    assert lines[-1].split() == ["total", "14", "4.00", "MiB", "1.5000", "29.0000", "15.0%"]
     assert all(len(line) <= 100 for line in lines)
     assert "0.0%" in format_summary_table(totals, total_time_s=0.0)  # no division by zero
 

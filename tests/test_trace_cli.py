@@ -87,8 +87,9 @@ def test_phases_come_in_training_order_and_step_filters(capsys, trace_file):
 def test_grouped_totals_by_rank_and_step():
     totals = grouped_totals(RECORDS, ("rank", "step"))
     assert list(totals) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert totals[(0, 0)] == {"calls": 2, "bytes": 2048, "time": 0.75}
-    assert totals[(1, 1)] == {"calls": 3, "bytes": 4096 + 1024 + 8, "time": 2.1875}
+    assert totals[(0, 0)] == {"calls": 2, "bytes": 2048, "time": 0.75, "exposed": 0.75}
+    assert totals[(1, 1)] == {"calls": 3, "bytes": 4096 + 1024 + 8, "time": 2.1875,
+                              "exposed": 2.1875}
     assert grouped_totals(RECORDS, ("op",), step=5) == {}
     with pytest.raises(ValueError, match="'shape'"):
         grouped_totals(RECORDS, ("op", "shape"))
