@@ -57,6 +57,7 @@ from mpipar.metrics import (
     format_comm_summary,
     format_eval,
     format_progress,
+    memory_record,
     merge_totals,
     peak_memory_bytes,
 )
@@ -68,6 +69,7 @@ from mpipar.parallel.pipeline.measure import (
     step_extents,
 )
 from mpipar.parallel.zero import format_memory_report, memory_report
+from mpipar.report import check_run_dir, prepare_run_dir, reproduce_command, write_report
 from mpipar.trace import Tracer, load_jsonl, to_chrome_trace, write_jsonl
 from mpipar.training import TrainConfig, Trainer
 
@@ -152,6 +154,8 @@ def check_output_paths(args: argparse.Namespace) -> None:
     for flag, path in (("--metrics", args.metrics), ("--trace", args.trace)):
         if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(path) or ".")):
             raise UsageError(f"{flag} {path}: not a file in an existing directory")
+    if args.report and check_run_dir(args.report):
+        raise UsageError(check_run_dir(args.report))
     if args.save and os.path.exists(args.save) and not (
             os.path.isdir(args.save) and set(os.listdir(args.save)) <= {STATE_FILE, META_FILE}):
         raise UsageError(f"--save {args.save} exists and is not a checkpoint directory; "
@@ -293,6 +297,8 @@ def report(run: Run) -> None:
     all_totals = world.allgather_object(
         {f"{op}|{group}": v for (op, group), v in world.tracer.totals().items()})
     peaks = world.allgather_object(peak_memory_bytes())
+    memory = world.allgather_object(
+        memory_record(run.memory, np.dtype(run.setup.cfg.dtype).itemsize))
     pipeline = gather_pipeline_report(run)
     if run.args.trace:
         write_trace(run)
@@ -301,6 +307,7 @@ def report(run: Run) -> None:
         if table is not None:
             run.show(table)
         summary = summary_record(run, all_totals, peaks)
+        summary["memory_per_rank"] = memory
         if pipeline is not None:
             summary["pipeline"] = pipeline
             run.show(format_pipeline_report(pipeline))
@@ -341,6 +348,19 @@ def summary_record(run: Run, all_totals: list[dict], peaks: list[int]) -> dict[s
     }
 
 
+def save_report(run: Run) -> None:
+    """--report DIR: the run's description beside its metrics and trace, and its page."""
+    if run.world.rank != 0:
+        return
+    s = run.setup
+    path = write_report(run.args.report, {
+        "command": reproduce_command(run.world.size, sys.argv[1:]), "data": s.source,
+        "layout": {"world": run.world.size, "dp": s.dp, "tp": s.tp, "pp": s.pp},
+        "model": s.cfg.to_dict(), "train": s.tc.to_dict(),
+        "metrics": run.args.metrics, "trace": run.args.trace})
+    run.show(f"report: {path}")
+
+
 def write_trace(run: Run) -> None:
     """--trace FILE: each rank writes its records, rank 0 joins them into FILE (one JSON
     object per line) and converts them to a Chrome/Perfetto trace, ``<FILE>.chrome.json``."""
@@ -373,10 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         world = connect(setup, rank)
     except ConfigError as exc:  # raised on every rank alike
         return usage_error(exc, rank)
+    if args.report:  # its metrics and trace go into the directory unless given elsewhere
+        args.metrics, args.trace = prepare_run_dir(args.report, args.metrics, args.trace)
     run = start(args, setup, world)
     loop(run)
     finish(run)
     report(run)
+    if args.report:
+        save_report(run)
     return 0
 
 

@@ -148,6 +148,9 @@ def add_output_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--metrics", metavar="FILE", help="JSON lines of metrics (rank 0)")
     g.add_argument("--trace", metavar="FILE",
                    help="communication trace, JSON lines (and a Chrome trace beside it)")
+    g.add_argument("--report", metavar="DIR",
+                   help="write the metrics, the trace and one self-contained HTML page of "
+                        "the run (DIR/report.html) into DIR")
     g.add_argument("--save", metavar="DIR", help="write a checkpoint at the end")
     g.add_argument("--stop-at", type=positive_int, metavar="STEP",
                    help="stop after STEP steps, as if interrupted (the learning-rate schedule "

@@ -1,14 +1,16 @@
-"""``python -m mpipar.viz``: pictures of what a run does, as text or PNG.
+"""``python -m mpipar.viz``: pictures of what a run does, as text, PNG or SVG.
 
     python -m mpipar.viz schedule --schedule 1f1b -p 4 -m 8        # a schedule, checked
     python -m mpipar.viz timeline runs/trace.jsonl --text          # a real step, as text
     python -m mpipar.viz timeline runs/trace.jsonl -o pipeline.png # ... and as a picture
+    python -m mpipar.viz loss runs/metrics.jsonl --out loss.png    # the loss curves
 
 This module is only the command line: it parses the arguments and hands them to the command,
 which lives beside what it draws. ``schedule`` and ``timeline`` are pipeline pictures
 (`mpipar.parallel.pipeline.pictures`): a schedule as the checker proves and simulates it, and
 one measured step of a ``train.py --trace`` file with its bubble per rank
-(`mpipar.parallel.pipeline.measure`).
+(`mpipar.parallel.pipeline.measure`). ``loss`` draws the training and validation loss of a
+``--metrics`` file, the chart of the run report (`mpipar.report`).
 
 Exit codes: 0 ok; 1 the checker rejected the schedule, or the reader of the output went away
 early (``... | head``), which stops the command quietly; 2 bad arguments or an unreadable input.
@@ -22,12 +24,14 @@ import sys
 
 from mpipar.parallel.pipeline.pictures import cmd_schedule, cmd_timeline
 from mpipar.parallel.pipeline.schedules import SCHEDULE_NAMES
+from mpipar.report import cmd_loss
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The commands and their options; each subcommand's ``run`` is its function."""
     ap = argparse.ArgumentParser(prog="python -m mpipar.viz",
-                                 description="Pipeline schedules and timelines, as text or PNG.")
+                                 description="Pipeline schedules and timelines, as text or "
+                                             "PNG; loss curves of a run.")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("schedule", help="print, check and simulate a schedule")
     s.add_argument("--schedule", choices=SCHEDULE_NAMES, default="1f1b")
@@ -53,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pp", type=int, help="pipeline size for the theory (default: the number "
                                           "of ranks in the trace)")
     t.set_defaults(run=cmd_timeline)
+    lo = sub.add_parser("loss", help="draw the training and validation loss of a metrics file")
+    lo.add_argument("metrics", metavar="METRICS", help="JSON lines written by train.py --metrics")
+    lo.add_argument("--out", required=True, metavar="FILE",
+                    help="picture to write: SVG when FILE ends in .svg, else PNG (matplotlib)")
+    lo.set_defaults(run=cmd_loss)
     return ap
 
 

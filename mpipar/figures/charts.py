@@ -22,7 +22,7 @@ from mpipar.svg import (
     text_width,
 )
 
-PAD_LEFT, PAD_RIGHT, PAD_TOP, PAD_BOTTOM = 64, 16, 34, 46
+PAD_LEFT, PAD_RIGHT, PAD_TOP, PAD_BOTTOM = 64, 16, 48, 46
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -43,6 +43,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 
 def tick_label(value: float) -> str:
     """A tick value, short: 12000 → '12000', 0.25 → '0.25', 1e-05 → '1e-05'."""
+    if value == int(value) and abs(value) < 1e7:
+        return str(int(value))
     return f"{value:.4g}"
 
 
@@ -200,8 +202,10 @@ def stacked_bars(rows: Sequence[tuple[str, Sequence[float]]], parts: Sequence[st
                  fmt: Callable[[float], str], width: float = 680) -> str:
     """One horizontal bar per row, cut into ``parts`` (a value each), with the total at its
     end and a legend of the parts."""
-    bar, gap, left = 20, 8, 90
-    height = PAD_TOP + 24 + len(rows) * (bar + gap) + 10
+    bar, gap = 20, 8
+    left = 24 + max((text_width(label, 11) for label, _ in rows), default=0.0)
+    first = 56  # the first bar's top, under the title and the legend
+    height = first + len(rows) * (bar + gap) + 10
     c = Canvas(width, height, title, name)
     c.text(12, 18, title, size=13, bold=True)
     x = 12.0
@@ -210,11 +214,11 @@ def stacked_bars(rows: Sequence[tuple[str, Sequence[float]]], parts: Sequence[st
         c.text(x + 16, 40, part, size=11)
         x += 16 + text_width(part, 11) + 16
     biggest = max((sum(v) for _, v in rows), default=0.0) or 1.0
-    usable = width - left - 110
+    usable = width - left - 90
     for i, (label, values) in enumerate(rows):
-        top = PAD_TOP + 24 + i * (bar + gap)
+        top = first + i * (bar + gap)
         c.text(12, top + 15, label, size=11)
-        x = float(left)
+        x = left
         for value, color in zip(values, colors, strict=True):
             c.rect(x, top, value / biggest * usable, bar, color)
             x += value / biggest * usable
