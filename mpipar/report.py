@@ -32,9 +32,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from mpipar.figures.charts import Series, line_chart, stacked_bars, timeline_chart
+from mpipar.figures.charts import Series, in_ms, line_chart, stacked_bars, timeline_chart
 from mpipar.parallel.pipeline.measure import trace_steps, trace_timeline
-from mpipar.parallel.pipeline.timeline import Interval, Timeline
 from mpipar.svg import BACKWARD_COLOR, FORWARD_COLOR, RANK_COLORS
 from mpipar.trace import TraceRecord, grouped_totals, human_bytes, load_jsonl
 
@@ -210,8 +209,7 @@ def pipeline_section(data: RunData) -> str:
     if not steps:
         return "<p>No forward/backward spans in the trace.</p>"
     timeline, ranks = trace_timeline(data.records, steps[-1])
-    timeline = Timeline([[Interval(iv.start * 1e3, iv.end * 1e3, *iv[2:]) for iv in row]
-                         for row in timeline.intervals], timeline.makespan * 1e3)
+    timeline = in_ms(timeline)
     chart = timeline_chart(timeline, [f"rank {r}" for r in ranks], name="pipeline",
                            title=f"Step {steps[-1]}, measured ({timeline.makespan:.1f} ms)")
     if not pipe:

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mpipar.parallel.pipeline.timeline import BACKWARD, FORWARD, Timeline
+from mpipar.parallel.pipeline.timeline import BACKWARD, FORWARD, Interval, Timeline
 from mpipar.svg import (
     BACKWARD_COLOR,
     FORWARD_COLOR,
@@ -132,6 +132,13 @@ def line_chart(series: Sequence[Series], *, title: str, xlabel: str, ylabel: str
 
 KIND_COLORS = {FORWARD: FORWARD_COLOR, BACKWARD: BACKWARD_COLOR}
 ROW, ROW_GAP, LABEL_WIDTH = 22, 6, 64
+
+
+def in_ms(timeline: Timeline) -> Timeline:
+    """The same timeline with its times (seconds, from a trace) in milliseconds."""
+    rows = [[Interval(iv.start * 1e3, iv.end * 1e3, iv.kind, iv.mb, iv.chunk) for iv in row]
+            for row in timeline.intervals]
+    return Timeline(rows, timeline.makespan * 1e3)
 
 
 def draw_timeline(c: Canvas, timeline: Timeline, labels: Sequence[str], *, x: float,

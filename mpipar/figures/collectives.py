@@ -204,16 +204,20 @@ def run_ring(n: int = N_RANKS) -> tuple[list[tuple[int, int, int, tuple]], list[
     return sorted(shared["log"], key=lambda e: (e[0], e[1])), finals
 
 
-def ring_figure(n: int = N_RANKS) -> str:
-    """A rank × step table: in each step, the chunk (and partial sum) each rank sends right."""
-    log, finals = run_ring(n)
+def draw_chunk(c: Canvas, part: Part, x: float, y: float, w: float, n: int) -> None:
+    """One chunk coloured by its letter, shaded by how many ranks are summed into it."""
+    complete = len(part.ranks) == n
+    c.rect(x, y, w, CELL_H, RANK_COLORS[part.chunk], rx=3,
+           opacity=None if complete else round(len(part.ranks) / n, 2))
+    c.text(x + w / 2, y + 15, label(part, n), size=11, anchor="middle",
+           fill="#ffffff" if complete else INK)
+
+
+def draw_ring_header(c: Canvas, n: int, left: float, x_steps: float, col_w: float) -> None:
+    """The two phases' titles, the line between them and the column heads."""
     steps = 2 * (n - 1)
-    col_w, first_w, left = 92, 4 * 30 + 16, 64
-    width = left + first_w + steps * col_w + 4 * 30 + 30
-    c = Canvas(width, 100 + n * 40 + 40, f"Ring all-reduce on {n} ranks", "ring")
     c.text(12, 22, f"Ring all-reduce on {n} ranks: what each rank sends to rank r + 1, "
            "step by step", size=14, bold=True)
-    x_steps = left + first_w
     c.text(x_steps + (n - 1) * col_w / 2, 50, "reduce-scatter: add what arrives",
            size=12, anchor="middle", bold=True)
     c.text(x_steps + (n - 1) * col_w * 1.5, 50, "all-gather: pass finished chunks on",
@@ -225,27 +229,28 @@ def ring_figure(n: int = N_RANKS) -> str:
         c.text(x_steps + s * col_w + col_w / 2, 72, f"step {s + 1}", size=11, anchor="middle",
                fill=MUTED)
     c.text(x_steps + steps * col_w + 8, 72, "end: every rank", size=11, fill=MUTED)
-    for call, rank, dest, sent in log:
-        top = 82 + rank * 40
-        part = sent[0]
-        x = x_steps + call * col_w
-        c.rect(x + 2, top, 46, CELL_H, RANK_COLORS[part.chunk], rx=3,
-               opacity=round(len(part.ranks) / n, 2))
-        c.text(x + 25, top + 15, label(part, n), size=12, anchor="middle",
-               fill="#ffffff" if len(part.ranks) == n else INK)
+
+
+def ring_figure(n: int = N_RANKS) -> str:
+    """A rank × step table: in each step, the chunk (and partial sum) each rank sends right."""
+    log, finals = run_ring(n)
+    steps = 2 * (n - 1)
+    col_w, left = 92, 64
+    x_steps = left + n * 30 + 16
+    c = Canvas(x_steps + steps * col_w + n * 30 + 30, 100 + n * 40 + 40,
+               f"Ring all-reduce on {n} ranks", "ring")
+    draw_ring_header(c, n, left, x_steps, col_w)
+    for call, rank, dest, (part,) in log:
+        x, top = x_steps + call * col_w, 82 + rank * 40
+        draw_chunk(c, part, x + 2, top, 46, n)
         c.text(x + 52, top + 15, f"→ {dest}", size=11, fill=MUTED)
     for rank in range(n):
         top = 82 + rank * 40
         c.text(12, top + 15, f"rank {rank}", size=11)
         for i, part in enumerate(starting_buffers(n)[rank]):
-            c.rect(left + i * 30, top, 27, CELL_H, RANK_COLORS[part.chunk], rx=3,
-                   opacity=round(1 / n, 2))
-            c.text(left + i * 30 + 13.5, top + 15, label(part, n), size=11, anchor="middle")
+            draw_chunk(c, part, left + i * 30, top, 27, n)
         for i, part in enumerate(finals[rank]):
-            x = x_steps + steps * col_w + 8 + i * 30
-            c.rect(x, top, 27, CELL_H, RANK_COLORS[part.chunk], rx=3)
-            c.text(x + 13.5, top + 15, label(part, n), size=11, anchor="middle",
-                   fill="#ffffff")
+            draw_chunk(c, part, x_steps + steps * col_w + 8 + i * 30, top, 27, n)
     c.text(12, 100 + n * 40 + 20,
            f"Each cell: the chunk sent, subscripts = ranks summed into it so far (shade grows "
            f"with them). {steps} sendrecv calls of B/{n} bytes: 2(n − 1)/n · B per rank.",

@@ -16,10 +16,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mpipar.figures.charts import LABEL_WIDTH, draw_legend, draw_time_axis, draw_timeline
+from mpipar.figures.charts import (
+    LABEL_WIDTH,
+    draw_legend,
+    draw_time_axis,
+    draw_timeline,
+    in_ms,
+)
 from mpipar.parallel.pipeline.checker import theoretical_bubble
 from mpipar.parallel.pipeline.measure import compute_interval, trace_steps, trace_timeline
-from mpipar.parallel.pipeline.timeline import Interval, Timeline
+from mpipar.parallel.pipeline.timeline import Timeline
 from mpipar.svg import MUTED, Canvas
 from mpipar.trace import load_jsonl, write_jsonl
 
@@ -53,12 +59,6 @@ def measure(data_dir: Path, repo: Path) -> None:
             for r in kept:  # microseconds are plenty, and keep the files short
                 r.start, r.end = round(r.start, 6), round(r.end, 6)
             write_jsonl(str(data_dir / f"{schedule}.jsonl"), kept)
-
-
-def in_ms(timeline: Timeline) -> Timeline:
-    rows = [[Interval(iv.start * 1e3, iv.end * 1e3, iv.kind, iv.mb, iv.chunk) for iv in row]
-            for row in timeline.intervals]
-    return Timeline(rows, timeline.makespan * 1e3)
 
 
 def load_step(data_dir: Path, schedule: str) -> tuple[Timeline, list[int], int]:
