@@ -154,8 +154,9 @@ def check_output_paths(args: argparse.Namespace) -> None:
     for flag, path in (("--metrics", args.metrics), ("--trace", args.trace)):
         if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(path) or ".")):
             raise UsageError(f"{flag} {path}: not a file in an existing directory")
-    if args.report and check_run_dir(args.report):
-        raise UsageError(check_run_dir(args.report))
+    problem = check_run_dir(args.report) if args.report else None
+    if problem:
+        raise UsageError(problem)
     if args.save and os.path.exists(args.save) and not (
             os.path.isdir(args.save) and set(os.listdir(args.save)) <= {STATE_FILE, META_FILE}):
         raise UsageError(f"--save {args.save} exists and is not a checkpoint directory; "
