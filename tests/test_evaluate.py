@@ -133,7 +133,8 @@ def test_bleu_and_rouge_match_the_reference_packages_live():
         want = sacrebleu.corpus_bleu(hyps, [refs], tokenize="none").score
         assert abs(corpus_bleu(hyps, refs).score - want) <= TOL, (hyps, refs)
         for key, value in mean_rouge(hyps, refs).items():
-            ref = np.mean([scorer.score(r, h)[key].fmeasure for h, r in zip(hyps, refs)])
+            pairs = zip(hyps, refs, strict=True)
+            ref = np.mean([scorer.score(r, h)[key].fmeasure for h, r in pairs])
             assert abs(value - ref) <= TOL, (key, hyps, refs)
 
 
