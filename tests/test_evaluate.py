@@ -7,7 +7,9 @@
   default ``exp`` smoothing) and ``rouge-score`` (a whitespace tokenizer) on fixed examples,
   and, where those packages are installed (``pip install -e '.[dev]'``), against them live on
   random examples, to 1e-6;
-* the command prints perplexity and bits/char and refuses text outside the vocabulary.
+* the command prints perplexity and bits/char and refuses text outside the vocabulary;
+* training's periodic validation scores ``--eval-tokens`` rounded up to whole batches, and the
+  old ``--eval-batches`` flag names its replacement.
 (Evaluation in every dp × tp × pp layout is checked by ``mpi_scripts/inference_checks.py``,
 run from ``test_generate.py``.)
 """
@@ -22,11 +24,15 @@ import pytest
 from conftest import TINY_TEXT, check_ok, describe_run
 
 from mpipar.autograd import no_grad
+from mpipar.data import CharTokenizer, eval_batches, make_dataset
 from mpipar.evaluate import heldout_windows, perplexity, window_batches
+from mpipar.flags import parse_args
 from mpipar.grid import ProcessGrid
 from mpipar.inference import InferenceModel
 from mpipar.model import GPT, GPTConfig
 from mpipar.text_metrics import corpus_bleu, lcs_length, mean_rouge, rouge_l, rouge_n
+from mpipar.trace import Tracer
+from mpipar.training import TrainConfig, Trainer
 
 TOL = 1e-6
 
@@ -160,3 +166,29 @@ def test_command_refuses_text_outside_the_vocabulary(run_python, tiny_checkpoint
                        "--data", data], timeout=60)
     assert proc.returncode == 2, describe_run(proc)
     assert len(proc.stderr.splitlines()) == 1 and "'Q'" in proc.stderr, proc.stderr
+
+
+# ---- training's periodic validation -------------------------------------------------------
+
+
+def test_periodic_validation_scores_eval_tokens_rounded_up_to_batches():
+    text = TINY_TEXT
+    tok = CharTokenizer.from_text(text)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=8, seq_len=8,
+                    dtype="float64")
+    data = make_dataset(text, tok, seq_len=8)
+    tc = TrainConfig(batch_size=4, eval_tokens=2 * 4 * 8 + 1)  # just over 2 batches: 3
+    trainer = Trainer(cfg, tc, ProcessGrid.single(), data, Tracer(0))
+    model = trainer.chunks[0]
+    with no_grad():
+        want = np.mean([float(model(x, y).data)
+                        for x, y in eval_batches(data.val, 3, 4, 8, tc.seed)])
+    assert abs(trainer.evaluate() - want) <= 1e-12 * want
+
+
+def test_eval_batches_flag_names_its_replacement(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--eval-batches", "4"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--eval-batches was replaced by --eval-tokens" in err and err.count("\n") == 1
