@@ -107,16 +107,17 @@ class Generator:
     """
 
     def __init__(self, model: InferenceModel, sampling: SamplingConfig, *,
-                 use_cache: bool = True, shift: int = 1, stop: Sequence[int] = ()) -> None:
+                 use_cache: bool = True, shift: int = 1, stop: Sequence[int] = (),
+                 keep_logits: bool = False) -> None:
         sampling.check()
         seq_len = model.cfg.seq_len
         if not 1 <= shift <= seq_len:
             raise ValueError(f"--shift must be in [1, seq_len = {seq_len}], got {shift}")
         self.model, self.sampling = model, sampling
-        self.use_cache, self.stop = use_cache, list(stop)
+        self.use_cache, self.stop, self.keep_logits = use_cache, list(stop), keep_logits
         self.keep = seq_len - shift + 1  # tokens a restarted context keeps
         self.tracer = model.grid.world.tracer
-        self.logits: list[np.ndarray] = []  # each step's (B_active, V), kept for checking
+        self.logits: list[np.ndarray] = []  # each step's (B_active, V), with keep_logits
         self.stats = GenerationStats()
 
     def run(self, prompts: Sequence[Sequence[int]], n: int,
@@ -195,7 +196,8 @@ class Generator:
             else:
                 last = np.asarray([[self.seqs[b][-1]] for b in self.active])
                 logits = self.model.next_logits(last, np.ones(len(self.active)), self.cache)
-        self.logits.append(logits)
+        if self.keep_logits:
+            self.logits.append(logits)
         return logits
 
     def _prefill(self, cache: KVCache | None) -> np.ndarray:

@@ -42,7 +42,8 @@ def model() -> InferenceModel:
 
 
 def run(model, prompts, n, *, cache=True, shift=1, stop=(), **sampling) -> Generator:
-    gen = Generator(model, SamplingConfig(**sampling), use_cache=cache, shift=shift, stop=stop)
+    gen = Generator(model, SamplingConfig(**sampling), use_cache=cache, shift=shift, stop=stop,
+                    keep_logits=True)
     gen.out = gen.run(prompts, n)
     return gen
 

@@ -57,7 +57,7 @@ def layouts(n: int) -> list[tuple[int, int, bool]]:
 
 
 def generate(model: InferenceModel, prompts, cache: bool) -> Generator:
-    gen = Generator(model, SAMPLING, use_cache=cache)
+    gen = Generator(model, SAMPLING, use_cache=cache, keep_logits=True)
     gen.out = gen.run(prompts, STEPS)
     return gen
 
