@@ -43,6 +43,7 @@ from mpipar.checkpoint import (
 )
 from mpipar.comm import Comm, install_excepthook, world_size_and_rank
 from mpipar.data import CharTokenizer, DataError, Dataset, default_corpus, load_text, make_dataset
+from mpipar.distill import check_distillation
 from mpipar.flags import parse_args
 from mpipar.grid import (
     ConfigError,
@@ -69,9 +70,10 @@ from mpipar.parallel.pipeline.measure import (
     step_extents,
 )
 from mpipar.parallel.zero import format_memory_report, memory_report
+from mpipar.quantize import refuse_quantized
 from mpipar.report import check_run_dir, prepare_run_dir, reproduce_command, write_report
 from mpipar.trace import Tracer, load_jsonl, to_chrome_trace, write_jsonl
-from mpipar.training import TrainConfig, Trainer
+from mpipar.training import EVAL_TOKENS, TrainConfig, Trainer
 
 # ============================================================================================
 # What the flags resolve to, on each rank alone
@@ -117,6 +119,8 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
                     virtual_stages=args.virtual_stages, schedule=args.schedule, zero=args.zero,
                     sequence_parallel=args.sequence_parallel, seq_len=shape["seq_len"])
     resumed = load_checkpoint(args.resume) if args.resume else None
+    if resumed is not None:
+        refuse_quantized(resumed[1], "--resume", args.resume)
     text, source = (load_text(args.data), args.data) if args.data else default_corpus()
     tokenizer = (CharTokenizer.from_chars(resumed[1].get("tokenizer", [])) if resumed
                  else CharTokenizer.from_text(text))
@@ -124,6 +128,8 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
     cfg = GPTConfig(vocab_size=tokenizer.vocab_size, dropout=args.dropout, dtype=args.dtype,
                     **shape)
     tc = train_config(args, batch_size)
+    if args.teacher:
+        check_distillation(tc, cfg, tokenizer, tp, pp)
     if resumed is not None:
         check_resume(*resumed, cfg, tc)
     return Setup(cfg, tc, dp, tp, pp, data, source, resumed)
@@ -168,12 +174,14 @@ def train_config(args: argparse.Namespace, batch_size: int) -> TrainConfig:
         steps=args.steps, batch_size=batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, seed=args.seed, optimizer=args.optimizer,
-        momentum=args.momentum, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        momentum=args.momentum, eval_every=args.eval_every,
+        eval_tokens=args.eval_tokens or EVAL_TOKENS[args.preset],
         log_every=args.log_every, microbatches=args.microbatches, schedule=args.schedule,
         virtual_stages=args.virtual_stages, zero=args.zero, bucket_mb=args.bucket_mb,
         overlap=not args.no_overlap, allreduce=args.allreduce,
         dp_strategy=args.dp_strategy.replace("-", "_"),
-        sequence_parallel=args.sequence_parallel)
+        sequence_parallel=args.sequence_parallel, teacher=args.teacher,
+        distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature)
 
 
 def connect(setup: Setup, rank: int) -> Comm:

@@ -14,6 +14,7 @@ import sys
 
 from mpipar.grid import SCHEDULES, ZERO_STAGES
 from mpipar.model import PRESETS
+from mpipar.training import EVAL_TOKENS
 
 DEFAULT_PRESET = "small"
 DEFAULT_STEPS = 400
@@ -39,6 +40,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+class Replaced(argparse.Action):
+    """A flag that no longer exists: exit 2 naming the one that replaced it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} was replaced by --eval-tokens N, the validation sample "
+                     "in tokens (N = batches × --batch-size × --seq-len)")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Ends a flag's help with ``(default: X)``, unless there is no X to tell: no default
     (``None``), an off switch (``False``), or a help text that states its default itself."""
@@ -62,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(ap.add_argument_group("model (a preset, then explicit flags override it)"))
     add_training_flags(ap.add_argument_group("training"))
     add_parallelism_flags(ap.add_argument_group("parallelism"))
+    add_distillation_flags(ap.add_argument_group("distillation (mpipar/distill.py)"))
     add_output_flags(ap.add_argument_group("output"))
     return ap
 
@@ -114,8 +124,11 @@ def add_training_flags(g: argparse._ArgumentGroup) -> None:
                         "to ~1e-10")
     g.add_argument("--eval-every", type=non_negative_int, default=100,
                    help="validate every K steps and at the end; 0: only at the end")
-    g.add_argument("--eval-batches", type=positive_int, default=4,
-                   help="validation batches per evaluation")
+    g.add_argument("--eval-tokens", type=positive_int,
+                   help="size of the fixed validation sample, in tokens, rounded up to whole "
+                        "batches (default: the preset's: " + ", ".join(
+                            f"{k} {v:,}" for k, v in EVAL_TOKENS.items()) + ")")
+    g.add_argument("--eval-batches", action=Replaced, help=argparse.SUPPRESS)
     g.add_argument("--log-every", type=positive_int, default=25,
                    help="print a progress line every K steps")
     g.add_argument("--data", metavar="FILE",
@@ -142,6 +155,16 @@ def add_parallelism_flags(g: argparse._ArgumentGroup) -> None:
                    help="data-parallel all-reduce: MPI's, or the ring written out in mpipar")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split LayerNorm and dropout work along the sequence over tp ranks")
+
+
+def add_distillation_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--teacher", metavar="DIR",
+                   help="checkpoint of a trained model to distil from (same vocabulary); "
+                        "needs --tp 1 --pp 1")
+    g.add_argument("--distill-alpha", type=float, default=0.5, metavar="A",
+                   help="weight of the teacher's term: (1 − A)·CE + A·T²·KL (with --teacher)")
+    g.add_argument("--distill-temperature", type=float, default=2.0, metavar="T",
+                   help="softens the teacher's and the student's distributions (with --teacher)")
 
 
 def add_output_flags(g: argparse._ArgumentGroup) -> None:

@@ -5,6 +5,10 @@
 
 The lm_head is tied to the token embedding (the same matrix wte is used to embed and to score).
 
+Generation passes a :class:`mpipar.kv_cache.KVCache` (``cache=``): the embedding then starts
+each row at its cached length, and each attention layer attends over, and appends to, its
+cached keys and values instead of recomputing the prefix.
+
 The same classes serve every parallel layout. Which linear and embedding layers are built
 comes from a ``layers`` object: ``SerialLayers`` here, a tensor-parallel one elsewhere with the
 same methods (column-/row-parallel linears, vocab-parallel embedding and loss). A pipeline
@@ -28,6 +32,7 @@ import numpy as np
 from mpipar import ops
 from mpipar.autograd import Tensor
 from mpipar.backend import get_xp
+from mpipar.kv_cache import KVCache
 from mpipar.nn import (
     Dropout,
     DropoutKey,
@@ -179,8 +184,9 @@ class SerialLayers:
 class CausalSelfAttention(Module):
     """Multi-head attention; the qkv projection packs [q | k | v] as (B, T, 3·d_model)."""
 
-    def __init__(self, cfg: GPTConfig, layers: SerialLayers, site: int) -> None:
+    def __init__(self, cfg: GPTConfig, layers: SerialLayers, site: int, layer: int) -> None:
         d = cfg.d_model
+        self.layer = layer  # the block's index: its place in a KV cache
         self.n_head = cfg.n_head
         self.n_local_heads = layers.local_heads(cfg.n_head)
         self.head_index = layers.head_index(cfg.n_head)
@@ -188,9 +194,11 @@ class CausalSelfAttention(Module):
         self.proj = layers.row_linear(d, d, residual_std(cfg.n_layer))
         self.attn_drop = Dropout(cfg.dropout, site)
 
-    def forward(self, x: Tensor, layout: SequenceLayout,
-                key: DropoutKey | None = None) -> Tensor:
+    def forward(self, x: Tensor, layout: SequenceLayout, key: DropoutKey | None = None,
+                cache: KVCache | None = None) -> Tensor:
         qkv = self.qkv(x, layout)  # (B, T, 3·C_local)
+        if cache is not None:  # this rank's heads, over the cached positions and the new ones
+            return self.proj(cache.attend(self.layer, qkv, self.n_local_heads), layout)
         mask = None
         if self.attn_drop.active(key):
             b, t = x.shape[0], qkv.shape[1]
@@ -234,16 +242,16 @@ class Block(Module):
 
     def __init__(self, cfg: GPTConfig, layers: SerialLayers, index: int) -> None:
         self.ln_1 = LayerNorm(cfg.d_model, dtype=layers.dtype)
-        self.attn = CausalSelfAttention(cfg, layers, site=3 * index + 1)
+        self.attn = CausalSelfAttention(cfg, layers, site=3 * index + 1, layer=index)
         self.ln_2 = LayerNorm(cfg.d_model, dtype=layers.dtype)
         self.mlp = MLP(cfg, layers)
         self.drop_attn = Dropout(cfg.dropout, site=3 * index + 2)
         self.drop_mlp = Dropout(cfg.dropout, site=3 * index + 3)
 
-    def forward(self, x: Tensor, layout: SequenceLayout,
-                key: DropoutKey | None = None) -> Tensor:
-        x = x + residual_dropout(self.drop_attn, self.attn(self.ln_1(x), layout, key), key,
-                                 layout)
+    def forward(self, x: Tensor, layout: SequenceLayout, key: DropoutKey | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        x = x + residual_dropout(self.drop_attn, self.attn(self.ln_1(x), layout, key, cache),
+                                 key, layout)
         x = x + residual_dropout(self.drop_mlp, self.mlp(self.ln_2(x), layout), key, layout)
         return x
 
@@ -277,23 +285,28 @@ class GPT(Module):
         if pre and post:
             self.wte.weight.tied = True
 
-    def embed(self, idx: Any, layout: SequenceLayout, key: DropoutKey | None = None) -> Tensor:
-        """(B, T) token ids → (B, T/parts, d_model) hidden states entering the first block."""
-        xp = get_xp()
+    def embed(self, idx: Any, layout: SequenceLayout, key: DropoutKey | None = None,
+              cache: KVCache | None = None) -> Tensor:
+        """(B, T) token ids → (B, T/parts, d_model) hidden states entering the first block.
+
+        Positions are 0 .. T−1, or with a cache each row's next T positions (B, T).
+        """
         t = idx.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence of length {t} exceeds seq_len {self.cfg.seq_len}")
-        x = self.wte(idx) + self.wpe(xp.arange(t))
+        positions = get_xp().arange(t) if cache is None else cache.positions(t)
+        x = self.wte(idx) + self.wpe(positions)
         x = self.layers.enter_blocks(x, layout)
         return residual_dropout(self.drop, x, key, layout)
 
     def forward(self, x: Any, targets: Any = None, key: DropoutKey | None = None, *,
-                seq_len: int | None = None) -> Tensor:
+                seq_len: int | None = None, cache: KVCache | None = None) -> Tensor:
         """Token ids (first stage) or hidden states → loss (with targets), logits, or hidden.
 
         The loss is the mean cross-entropy over every position of this batch. ``seq_len`` is
         the full sequence length T: a stage without the embedding must be told, since under
-        sequence parallelism its input holds only T/t positions.
+        sequence parallelism its input holds only T/t positions. With a ``cache`` the T
+        positions follow those the cache holds (generation; the caller advances it).
         """
         if seq_len is None:
             if not self.pre:
@@ -302,9 +315,9 @@ class GPT(Module):
             seq_len = x.shape[1]
         layout = self.layers.sequence_layout(seq_len)
         if self.pre:
-            x = self.embed(x, layout, key)
+            x = self.embed(x, layout, key, cache)
         for block in self.blocks:
-            x = block(x, layout, key)
+            x = block(x, layout, key, cache)
         if not self.post:
             return x
         x = self.layers.exit_blocks(self.ln_f(x), layout)

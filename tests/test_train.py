@@ -56,7 +56,7 @@ def test_learns_a_periodic_sequence(optimizer, lr):
     cfg = GPTConfig(vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, d_model=32,
                     seq_len=16)
     tc = TrainConfig(steps=150, batch_size=8, lr=lr, optimizer=optimizer, warmup_steps=10,
-                     eval_batches=2)
+                     eval_tokens=256)
     trainer = Trainer(cfg, tc, ProcessGrid.single(), data, Tracer(0))
     losses = [trainer.train_step()["loss"] for _ in range(tc.steps)]
     assert abs(losses[0] - math.log(8)) < 0.05, f"initial loss {losses[0]:.4f}, not ln 8"
@@ -87,7 +87,7 @@ def test_default_corpus_loss_falls(run_train, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 RESUME_ARGS = ["--preset", "tiny", "--n-layer", "2", "--dtype", "float64", "--steps", "30",
-               "--eval-every", "10", "--eval-batches", "2", "--quiet"]
+               "--eval-every", "10", "--eval-tokens", "512", "--quiet"]
 RESUME_VARIANTS = {
     "adamw": [],
     "dropout": ["--dropout", "0.1"],
@@ -142,7 +142,7 @@ def test_stop_and_resume_is_bit_identical(variant, run_train, tiny_data, tmp_pat
 def test_metrics_file_lines(run_train, tiny_data, tmp_path):
     metrics = tmp_path / "m.jsonl"
     check_ok(run_train(["--preset", "tiny", "--steps", "3", "--eval-every", "2",
-                        "--eval-batches", "1", "--data", tiny_data, "--metrics", metrics]))
+                        "--eval-tokens", "256", "--data", tiny_data, "--metrics", metrics]))
     steps, evals, summaries = read_metrics(metrics)
     assert [s["step"] for s in steps] == [0, 1, 2]
     for s in steps:

@@ -57,7 +57,7 @@ def main() -> None:
     cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=2 * p, n_head=2, d_model=16,
                     seq_len=8, dtype="float64")
     data = make_dataset(TEXT, tok, seq_len=cfg.seq_len)
-    base = TrainConfig(batch_size=M, microbatches=M, eval_every=0, eval_batches=2,
+    base = TrainConfig(batch_size=M, microbatches=M, eval_every=0, eval_tokens=2 * M * 8,
                        warmup_steps=1, lr=1e-2)
     run = Run(cfg, base, ProcessGrid.build(world, 1, 1, p), data, tracer)
     check_memory(checks, run)
