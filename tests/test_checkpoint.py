@@ -80,7 +80,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         path.write_bytes(b"PK\x03\x04 half an archive")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "_write_npz", crash)
+    monkeypatch.setattr(ckpt, "write_npz", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(target, _arrays(1), {"step": 2})
     loaded, meta = load_checkpoint(target)
