@@ -103,7 +103,7 @@ def content_differences(label: str, digests: list[str]) -> str | None:
     groups = _groups(digests)
     if len(groups) == 1:
         return None
-    seen = "; ".join(f"{digest[:12] or 'nothing'}… on {rank_list(ranks)}"
+    seen = "; ".join(f"{digest[:12] + '…' if digest else 'nothing'} on {rank_list(ranks)}"
                      for digest, ranks in groups.items())
     return (f"{label}: the ranks read different contents (SHA-256 {seen}); was it changed "
             "while the job started, or do the machines hold different copies?")

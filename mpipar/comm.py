@@ -117,7 +117,7 @@ class Call:
     end: float | None = None  # None while the call has not returned
 
     def describe(self, now: float) -> str:
-        """E.g. ``in recv on pp from rank 1 (2,048 bytes) for 5.0 s``."""
+        """E.g. ``in recv on pp with rank 1 (2,048 bytes) for 5.0 s``."""
         peer = "" if self.peer is None else f" with rank {self.peer}"
         what = f"{self.op} on {self.group}{peer} ({self.nbytes:,} bytes)"
         if self.end is None:

@@ -2,7 +2,9 @@
 
 Each flag's type check lives here (a negative ``--steps`` is refused while parsing); rules
 that involve several flags (the layout, divisibility, output paths) are checked once the
-configuration is assembled (`train.py`'s ``configure`` and `mpipar.grid.validate_layout`).
+configuration is assembled (`train.py`'s ``configure``, `mpipar.grid.layout_problems`,
+`mpipar.outputs`). No flag ends a process on its own: a bad one raises :class:`UsageError`
+for the start-up agreement of all ranks (`mpipar.agreement`).
 The schedule names and ZeRO stages come from `mpipar.grid`, their one source.
 """
 

@@ -100,6 +100,8 @@ class Watchdog:
 
     def __exit__(self, *exc: object) -> None:
         self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)  # it wakes at once, unless it is firing
 
     def _watch(self) -> None:
         while not self._stopped.wait(min(1.0, self.limit / 10)):

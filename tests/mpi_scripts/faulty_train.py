@@ -22,6 +22,9 @@ from mpipar.training import Trainer
 
 
 def fail(kind: str, rank: int, step: int) -> None:
+    # The wall-clock time of the fault, so that the time the job takes to end can be measured.
+    print(f"[rank {rank}] fault: {kind} at step {step}, time {time.time():.3f}", file=sys.stderr,
+          flush=True)
     if kind == "sleep":
         time.sleep(3600)
     elif kind == "raise":
