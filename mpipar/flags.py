@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(ap.add_argument_group("model (a preset, then explicit flags override it)"))
     add_training_flags(ap.add_argument_group("training"))
     add_parallelism_flags(ap.add_argument_group("parallelism"))
-    add_output_flags(ap.add_argument_group("output"))
+    add_output_flags(ap.add_argument_group(
+        "output", "Every output's directory must already exist; each path is checked (a file "
+                  "is created there and removed) before the first step."))
     return ap
 
 
