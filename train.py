@@ -2,11 +2,14 @@
 
 Run ``python train.py --help`` for every flag. With no flags it trains the ``small`` preset
 on the built-in corpus for about a minute. Exit codes: 0 ok; 2 bad usage or configuration
-(every rank exits before any communication); 1 any other failure (the whole job ends).
+(every rank exits, having agreed on it, before the run starts); 1 any other failure, a
+stalled rank included (the whole job ends).
 
-Read top to bottom: the flags (`mpipar/flags.py`), what they resolve to on each rank alone
-(:func:`configure` → :class:`Setup`), then a :class:`Run` in four parts, :func:`start`,
-:func:`loop`, :func:`finish` and :func:`report` (docs/design.md §2, §3, §7).
+Read top to bottom: the flags (`mpipar/flags.py`), what each rank finds on its own
+(:func:`configure` → :class:`Setup`, or a problem), the start-up agreement of all ranks
+(`mpipar/agreement.py`), then a :class:`Run` in four parts, :func:`start`, :func:`loop`,
+:func:`finish` and :func:`report`, under a watchdog (`mpipar/watchdog.py`; docs/design.md
+§2, §3, §7, §8).
 """
 
 from __future__ import annotations
@@ -29,28 +32,34 @@ if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
 import numpy as np
 
 from mpipar import backend
+from mpipar.agreement import ERROR, HELP, RankReport, Verdict, agree
 from mpipar.checkpoint import (
-    META_FILE,
-    STATE_FILE,
+    Checkpoint,
     CheckpointError,
-    changed_settings,
-    check_resume,
-    load_checkpoint,
-    model_shapes,
+    finish_interrupted_save,
     pack_state,
+    read_checkpoint,
     save_checkpoint,
     unpack_state,
 )
-from mpipar.comm import Comm, install_excepthook, world_size_and_rank
-from mpipar.data import CharTokenizer, DataError, Dataset, default_corpus, load_text, make_dataset
+from mpipar.comm import Activity, Comm, install_excepthook, world_size_and_rank
+from mpipar.data import (
+    CharTokenizer,
+    DataError,
+    Dataset,
+    default_corpus,
+    load_text,
+    make_dataset,
+    text_digest,
+)
 from mpipar.distill import check_distillation
-from mpipar.flags import parse_args
+from mpipar.flags import HelpRequested, UsageError, parse_args
 from mpipar.grid import (
     ConfigError,
     ProcessGrid,
-    check_same_config,
+    layout_problems,
+    problems_error,
     resolve_sizes,
-    validate_layout,
 )
 from mpipar.metrics import (
     MetricsWriter,
@@ -63,6 +72,7 @@ from mpipar.metrics import (
     peak_memory_bytes,
 )
 from mpipar.model import PRESETS, GPTConfig, flops_per_token
+from mpipar.outputs import Output, output_problems
 from mpipar.parallel.full_state import full_state, load_full_state
 from mpipar.parallel.pipeline.measure import (
     format_pipeline_report,
@@ -71,21 +81,35 @@ from mpipar.parallel.pipeline.measure import (
 )
 from mpipar.parallel.zero import format_memory_report, memory_report
 from mpipar.quantize import refuse_quantized
-from mpipar.report import check_run_dir, prepare_run_dir, reproduce_command, write_report
+from mpipar.report import METRICS_FILE, TRACE_FILE, prepare_run_dir, reproduce_command, write_report
+from mpipar.resume import (
+    CHECKPOINT_FORMAT,
+    changed_settings,
+    check_resume,
+    check_step_count,
+    check_training_text,
+    model_specs,
+    saved_vocabulary,
+)
 from mpipar.trace import Tracer, load_jsonl, to_chrome_trace, write_jsonl
 from mpipar.training import EVAL_TOKENS, TrainConfig, Trainer
+from mpipar.watchdog import Watchdog
 
 # ============================================================================================
-# What the flags resolve to, on each rank alone
+# What each rank finds on its own
 # ============================================================================================
 
-
-class UsageError(ValueError):
-    """A bad combination of flags (exit code 2)."""
-
-
-# What a rank reports as a usage error (exit 2) before it talks to any other.
+# What a rank reports as a usage error (exit 2) to the start-up agreement.
 USAGE_ERRORS = (UsageError, ConfigError, DataError, CheckpointError, ValueError, RuntimeError)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The checkpoint of --resume, checked against this run, with its arrays read."""
+
+    checkpoint: Checkpoint
+    arrays: dict[str, np.ndarray]
+    notes: list[str]  # warnings for rank 0 to print
 
 
 @dataclass(frozen=True)
@@ -99,74 +123,144 @@ class Setup:
     pp: int
     data: Dataset
     source: str  # where the text comes from
-    resumed: tuple[dict[str, np.ndarray], dict[str, Any]] | None  # (arrays, meta) of --resume
+    text_sha256: str  # of the training text, recorded in checkpoints
+    resumed: Resumed | None
+    contents: dict[str, str]  # each input file (by a label naming it) → SHA-256 as read
 
 
 def configure(args: argparse.Namespace, world_size: int) -> Setup:
-    """Turn flags into configs and validate them, touching no other process."""
+    """Turn flags into configs and check them, touching no other process.
+
+    Problems that do not depend on each other (bad values, output paths, the layout, the
+    data file, the checkpoint file) are all reported together; the checks that need a model
+    configuration (the checkpoint against it) follow once those pass.
+    """
     preset = PRESETS[args.preset]
     batch_size = args.batch_size or preset["batch_size"]
     shape = {k: getattr(args, k) or v for k, v in preset.items() if k != "batch_size"}
-    check_values(args)
-    check_output_paths(args)
-    dp, tp, pp = resolve_sizes(world_size, args.dp, args.tp, args.pp)
-    if args.zero and args.optimizer != "adamw":
-        raise UsageError(f"--zero {args.zero} shards AdamW's state; it does not apply to "
-                         f"--optimizer {args.optimizer}")
-    validate_layout(world_size, dp, tp, pp, batch_size=batch_size,
-                    microbatches=args.microbatches, n_layer=shape["n_layer"],
-                    n_head=shape["n_head"], d_model=shape["d_model"],
-                    virtual_stages=args.virtual_stages, schedule=args.schedule, zero=args.zero,
-                    sequence_parallel=args.sequence_parallel, seq_len=shape["seq_len"])
-    resumed = load_checkpoint(args.resume) if args.resume else None
-    if resumed is not None:
-        refuse_quantized(resumed[1], "--resume", args.resume)
-    text, source = (load_text(args.data), args.data) if args.data else default_corpus()
-    tokenizer = (CharTokenizer.from_chars(resumed[1].get("tokenizer", [])) if resumed
-                 else CharTokenizer.from_text(text))
+    problems = check_values(args) + check_output_paths(args)
+    dp, tp, pp = check_layout(args, world_size, batch_size, shape, problems)
+    text, source = read_text(args, problems)
+    ckpt = read_resume(args, problems)
+    if problems:
+        raise problems_error(problems)
+    tokenizer = saved_vocabulary(ckpt) if ckpt else CharTokenizer.from_text(text)
     data = make_dataset(text, tokenizer, seq_len=shape["seq_len"], source=source)
     cfg = GPTConfig(vocab_size=tokenizer.vocab_size, dropout=args.dropout, dtype=args.dtype,
                     **shape)
     tc = train_config(args, batch_size)
     if args.teacher:
         check_distillation(tc, cfg, tokenizer, tp, pp)
-    if resumed is not None:
-        check_resume(*resumed, cfg, tc)
-    return Setup(cfg, tc, dp, tp, pp, data, source, resumed)
+    digest = text_digest(text)
+    contents = {f"--data {args.data}" if args.data else "the built-in corpus": digest}
+    resumed = None
+    if ckpt is not None:
+        resumed = check_checkpoint(args, ckpt, cfg, tc, digest, source)
+        contents[f"--resume {args.resume}"] = ckpt.digest
+    return Setup(cfg, tc, dp, tp, pp, data, source, digest, resumed, contents)
 
 
-def check_values(args: argparse.Namespace) -> None:
+def check_values(args: argparse.Namespace) -> list[str]:
     """Values argparse lets through that would fail (or silently do nothing) mid-run.
 
     Written so that NaN fails every test.
     """
-    for flag, value, ok, rule in (
-        ("--dropout", args.dropout, 0.0 <= args.dropout < 1.0, "in [0, 1)"),
-        ("--temperature", args.temperature, args.temperature >= 0, ">= 0"),
-        ("--lr", args.lr, math.isfinite(args.lr), "finite"),
-        ("--min-lr-ratio", args.min_lr_ratio, 0.0 <= args.min_lr_ratio <= 1.0, "in [0, 1]"),
-        ("--weight-decay", args.weight_decay, 0.0 <= args.weight_decay < math.inf,
-         "finite and >= 0"),
-        ("--grad-clip", args.grad_clip, 0.0 <= args.grad_clip < math.inf,
-         "finite and >= 0 (0 disables clipping)"),
-        ("--momentum", args.momentum, 0.0 <= args.momentum < 1.0, "in [0, 1)"),
-    ):
-        if not ok:
-            raise UsageError(f"{flag} must be {rule}, got {value}")
+    problems = [
+        f"{flag} must be {rule}, got {value}" for flag, value, ok, rule in (
+            ("--dropout", args.dropout, 0.0 <= args.dropout < 1.0, "in [0, 1)"),
+            ("--temperature", args.temperature, 0 <= args.temperature < math.inf,
+             "finite and >= 0"),
+            ("--lr", args.lr, math.isfinite(args.lr), "finite"),
+            ("--min-lr-ratio", args.min_lr_ratio, 0.0 <= args.min_lr_ratio <= 1.0,
+             "in [0, 1]"),
+            ("--weight-decay", args.weight_decay, 0.0 <= args.weight_decay < math.inf,
+             "finite and >= 0"),
+            ("--grad-clip", args.grad_clip, 0.0 <= args.grad_clip < math.inf,
+             "finite and >= 0 (0 disables clipping)"),
+            ("--momentum", args.momentum, 0.0 <= args.momentum < 1.0, "in [0, 1)"),
+        ) if not ok
+    ]
+    if args.save_every and not args.save:
+        problems.append(f"--save-every {args.save_every} needs --save DIR (where to write)")
+    if args.zero and args.optimizer != "adamw":
+        problems.append(f"--zero {args.zero} shards AdamW's state; it does not apply to "
+                        f"--optimizer {args.optimizer}")
+    return problems
 
 
-def check_output_paths(args: argparse.Namespace) -> None:
-    """Output paths are checked now, not after training: a run must not end failing to save."""
-    for flag, path in (("--metrics", args.metrics), ("--trace", args.trace)):
-        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(path) or ".")):
-            raise UsageError(f"{flag} {path}: not a file in an existing directory")
-    problem = check_run_dir(args.report) if args.report else None
-    if problem:
-        raise UsageError(problem)
-    if args.save and os.path.exists(args.save) and not (
-            os.path.isdir(args.save) and set(os.listdir(args.save)) <= {STATE_FILE, META_FILE}):
-        raise UsageError(f"--save {args.save} exists and is not a checkpoint directory; "
-                         "refusing to replace it")
+def check_output_paths(args: argparse.Namespace) -> list[str]:
+    """Output paths are checked now, not after training (`mpipar/outputs.py`: one rule)."""
+    outputs = []
+    if args.metrics:
+        outputs.append(Output("--metrics", args.metrics))
+    if args.trace:
+        outputs.append(Output("--trace", args.trace,
+                              companions=(os.path.splitext(args.trace)[0] + ".chrome.json",)))
+    if args.save:
+        outputs.append(Output("--save", args.save, is_checkpoint=True))
+    if args.report:  # the metrics and trace go inside it unless given elsewhere
+        inside = [name for name, given in ((METRICS_FILE, args.metrics), (TRACE_FILE, args.trace))
+                  if not given]
+        outputs.append(Output("--report", args.report, is_directory=True,
+                              companions=tuple(os.path.join(args.report, n) for n in inside)))
+    return output_problems(outputs, {"--data": args.data} if args.data else {})
+
+
+def check_layout(args: argparse.Namespace, world_size: int, batch_size: int,
+                 shape: dict[str, int], problems: list[str]) -> tuple[int, int, int]:
+    """``(dp, tp, pp)``, appending every broken layout rule to ``problems``."""
+    try:
+        dp, tp, pp = resolve_sizes(world_size, args.dp, args.tp, args.pp)
+        world_for_rules = world_size
+    except ConfigError as exc:
+        problems.append(str(exc))
+        # Check the other rules as if the sizes were right (no second world-size line).
+        dp, tp, pp = args.dp or 1, args.tp or 1, args.pp or 1
+        world_for_rules = dp * tp * pp
+    problems += layout_problems(
+        world_for_rules, dp, tp, pp, batch_size=batch_size, microbatches=args.microbatches,
+        n_layer=shape["n_layer"], n_head=shape["n_head"], d_model=shape["d_model"],
+        virtual_stages=args.virtual_stages, schedule=args.schedule, zero=args.zero,
+        sequence_parallel=args.sequence_parallel, seq_len=shape["seq_len"])
+    return dp, tp, pp
+
+
+def read_text(args: argparse.Namespace, problems: list[str]) -> tuple[str, str]:
+    """``(text, where it comes from)``; a problem (and no text) if it cannot be read."""
+    try:
+        return (load_text(args.data), args.data) if args.data else default_corpus()
+    except DataError as exc:
+        problems.append(str(exc))
+        return "", ""
+
+
+def read_resume(args: argparse.Namespace, problems: list[str]) -> Checkpoint | None:
+    """The --resume checkpoint's files, checked as files; a problem if they cannot be read."""
+    if not args.resume:
+        return None
+    try:
+        ckpt = read_checkpoint(args.resume)
+        refuse_quantized(ckpt.meta, "--resume", args.resume)
+        return ckpt
+    except CheckpointError as exc:
+        problems.append(str(exc))
+        return None
+
+
+def check_checkpoint(args: argparse.Namespace, ckpt: Checkpoint, cfg: GPTConfig,
+                     tc: TrainConfig, digest: str, source: str) -> Resumed:
+    """The checkpoint against this run (`mpipar/resume.py`), then its arrays, read."""
+    check_resume(ckpt, cfg, tc, stop_at=args.stop_at)
+    notes = [note for note in (check_training_text(ckpt, digest, source, args.allow_new_data),)
+             if note is not None]
+    changed = changed_settings(ckpt.meta.get("train", {}), tc.to_dict())
+    if changed:
+        notes.append("warning: resuming with training settings that differ from the "
+                     f"checkpoint's ({changed}); the run will not continue exactly as it "
+                     "would have")
+    arrays = ckpt.arrays()
+    check_step_count(ckpt, arrays)
+    return Resumed(ckpt, arrays, notes)
 
 
 def train_config(args: argparse.Namespace, batch_size: int) -> TrainConfig:
@@ -184,15 +278,26 @@ def train_config(args: argparse.Namespace, batch_size: int) -> TrainConfig:
         distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature)
 
 
-def connect(setup: Setup, rank: int) -> Comm:
-    """The world communicator, once every rank agrees on the run (else ConfigError)."""
-    world = Comm.world(Tracer(rank, enabled=True))
-    install_excepthook(world)
-    check_same_config(world, {"argv": sys.argv[1:], "model": setup.cfg.to_dict(),
-                              "train": setup.tc.to_dict(),
-                              "sizes": [setup.dp, setup.tp, setup.pp],
-                              "vocab": setup.data.tokenizer.to_json()})
-    return world
+def read_flags(argv: list[str] | None,
+               rank: int) -> tuple[argparse.Namespace | None, RankReport | None]:
+    """``(flags, None)``, or ``(None, the report of a bad flag or of --help)``."""
+    try:
+        return parse_args(argv, rank), None
+    except HelpRequested:
+        return None, RankReport(HELP)
+    except UsageError as exc:
+        return None, RankReport(ERROR, str(exc))
+
+
+def check_alone(args: argparse.Namespace, world_size: int) -> tuple[RankReport, Setup | None]:
+    """This rank's report to the start-up agreement, and its setup if it found no problem."""
+    try:
+        backend.use_device(args.device)
+        setup = configure(args, world_size)
+    except USAGE_ERRORS as exc:
+        return RankReport(ERROR, str(exc)), None
+    config = {"--" + key.replace("_", "-"): value for key, value in vars(args).items()}
+    return RankReport(config=config, contents=setup.contents), setup
 
 
 # ============================================================================================
@@ -207,6 +312,7 @@ class Run:
     args: argparse.Namespace
     setup: Setup
     world: Comm
+    watchdog: Watchdog
     trainer: Trainer
     metrics: MetricsWriter
     memory: dict[str, int]  # optimizer-state and gradient bytes (ZeRO's saving)
@@ -225,23 +331,23 @@ class Run:
             self.show(text)
 
 
-def start(args: argparse.Namespace, setup: Setup, world: Comm) -> Run:
+def start(args: argparse.Namespace, setup: Setup, world: Comm, watchdog: Watchdog) -> Run:
     """Build this rank's part of the model, load the checkpoint, and say what will run."""
     s = setup
     trainer = Trainer(s.cfg, s.tc, ProcessGrid.build(world, s.dp, s.tp, s.pp), s.data,
                       world.tracer)
-    run = Run(args, s, world, trainer, MetricsWriter(args.metrics, world.rank == 0),
+    run = Run(args, s, world, watchdog, trainer, MetricsWriter(args.metrics, world.rank == 0),
               memory_report(trainer.optimizer, trainer.grad_sync, trainer.params))
     if s.resumed is not None:
-        arrays, meta = s.resumed
-        load_full_state(trainer.params, trainer.optimizer, *unpack_state(arrays))
-        trainer.step = meta["step"]
-        changed = changed_settings(meta.get("train", {}), s.tc.to_dict())
-        if changed:
-            run.say("warning: resuming with training settings that differ from the "
-                    f"checkpoint's ({changed}); the run will not continue exactly as it "
-                    "would have")
-    n_params = sum(int(np.prod(shape)) for shape in model_shapes(s.cfg).values())
+        load_full_state(trainer.params, trainer.optimizer, *unpack_state(s.resumed.arrays))
+        trainer.step = s.resumed.checkpoint.meta["step"]
+        for note in s.resumed.notes:
+            run.say(note)
+    if world.rank == 0:  # every rank has read the checkpoint: now it may be renamed
+        for path in dict.fromkeys(p for p in (args.resume, args.save) if p):
+            for note in finish_interrupted_save(path):
+                run.say(f"note: {note}")
+    n_params = sum(int(np.prod(spec.shape)) for spec in model_specs(s.cfg).values())
     cfg, tc = s.cfg, s.tc
     run.say(f"mpipar | world {world.size} = dp {s.dp} × tp {s.tp} × pp {s.pp} | {s.source}")
     run.say(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.d_model}, "
@@ -257,12 +363,15 @@ def start(args: argparse.Namespace, setup: Setup, world: Comm) -> Run:
 
 
 def loop(run: Run) -> None:
-    """Train up to --steps (or --stop-at): a metrics and a progress line, and evaluations."""
-    trainer, tc = run.trainer, run.setup.tc
+    """Train up to --steps (or --stop-at): a metrics and a progress line, evaluations, and
+    a checkpoint every --save-every steps."""
+    trainer, tc, every = run.trainer, run.setup.tc, run.args.save_every
     stop_at = min(tc.steps, run.args.stop_at or tc.steps)
     t_start = time.perf_counter()
+    run.watchdog.beat("training")
     while trainer.step < stop_at:
         m = trainer.train_step()
+        run.watchdog.step_done(m["step_time_s"])
         run.last = m
         run.step_times.append(m["step_time_s"])
         run.metrics.write(m)
@@ -271,25 +380,39 @@ def loop(run: Run) -> None:
         if m["step"] % tc.log_every == 0 or trainer.step == tc.steps:
             run.say(format_progress(m, tc.steps, time.perf_counter() - t_start))
         if (tc.eval_every and trainer.step % tc.eval_every == 0) or trainer.step == stop_at:
+            run.watchdog.beat("evaluation")
             record = eval_record(m["step"], trainer.evaluate())
             run.metrics.write(record)
             run.say(format_eval(record))
+        if every and trainer.step % every == 0 and trainer.step < stop_at:
+            save(run)  # the last step's checkpoint is finish()'s
+        run.watchdog.beat("training")
     run.elapsed = time.perf_counter() - t_start
+
+
+def save(run: Run) -> None:
+    """Write the --save checkpoint (every rank helps gather it; rank 0 writes it)."""
+    trainer, s = run.trainer, run.setup
+    run.watchdog.beat("saving")
+    model_state, opt_state = full_state(trainer.params, trainer.optimizer, trainer.grid,
+                                        trainer.dtype)
+    if run.world.rank == 0:
+        save_checkpoint(run.args.save, pack_state(model_state, opt_state), {
+            "format": CHECKPOINT_FORMAT, "step": trainer.step, "model": s.cfg.to_dict(),
+            "train": s.tc.to_dict(), "tokenizer": s.data.tokenizer.to_json(),
+            "layout": {"dp": s.dp, "tp": s.tp, "pp": s.pp},
+            "data": {"source": s.source, "sha256": s.text_sha256}})
+        run.say(f"saved checkpoint to {run.args.save} (step {trainer.step})")
+    run.watchdog.beat()
 
 
 def finish(run: Run) -> None:
     """What the run leaves behind: a checkpoint (--save) and a sample (--sample)."""
     trainer, s, args = run.trainer, run.setup, run.args
     if args.save:
-        model_state, opt_state = full_state(trainer.params, trainer.optimizer, trainer.grid,
-                                            trainer.dtype)
-        if run.world.rank == 0:
-            save_checkpoint(args.save, pack_state(model_state, opt_state), {
-                "format": 1, "step": trainer.step, "model": s.cfg.to_dict(),
-                "train": s.tc.to_dict(), "tokenizer": s.data.tokenizer.to_json(),
-                "layout": {"dp": s.dp, "tp": s.tp, "pp": s.pp}})
-            run.say(f"saved checkpoint to {args.save} (step {trainer.step})")
+        save(run)
     if args.sample:
+        run.watchdog.beat("sampling")
         tokenizer = s.data.tokenizer
         prompt = tokenizer.encode("\n").tolist() if "\n" in tokenizer.chars else [0]
         out = trainer.generate(prompt, args.sample, temperature=args.temperature,
@@ -297,6 +420,7 @@ def finish(run: Run) -> None:
         run.show("--- sample ---")
         run.show(tokenizer.decode(out[len(prompt):]))
         run.show("--------------")
+    run.watchdog.beat("summary")
 
 
 def report(run: Run) -> None:
@@ -391,33 +515,34 @@ def write_trace(run: Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     world_size, rank = world_size_and_rank()
-    try:
-        backend.use_device(args.device)
-        setup = configure(args, world_size)
-    except USAGE_ERRORS as exc:
-        return usage_error(exc, rank)
-    try:
-        world = connect(setup, rank)
-    except ConfigError as exc:  # raised on every rank alike
-        return usage_error(exc, rank)
-    if args.report:  # its metrics and trace go into the directory unless given elsewhere
-        args.metrics, args.trace = prepare_run_dir(args.report, args.metrics, args.trace)
-    run = start(args, setup, world)
-    loop(run)
-    finish(run)
-    report(run)
-    if args.report:
-        save_report(run)
+    world = Comm.world(Tracer(rank, enabled=True), Activity())
+    install_excepthook(world)
+    args, found = read_flags(argv, rank)
+    timeout = args.timeout if args is not None else 0
+    with Watchdog(timeout, rank, world.tracer, world.activity) as watchdog:
+        setup = None
+        if args is not None:
+            found, setup = check_alone(args, world_size)
+        verdict = agree(world, found)  # every rank, whatever it found
+        if verdict.exit_code is not None:
+            return conclude(verdict, rank)
+        if args.report:  # its metrics and trace go into the directory unless given elsewhere
+            args.metrics, args.trace = prepare_run_dir(args.report, args.metrics, args.trace)
+        run = start(args, setup, world, watchdog)
+        loop(run)
+        finish(run)
+        report(run)
+        if args.report:
+            save_report(run)
     return 0
 
 
-def usage_error(exc: Exception, rank: int) -> int:
-    """Exit code 2, with the one-line reason printed once (by rank 0)."""
-    if rank == 0:
-        print(f"train.py: error: {exc}", file=sys.stderr)
-    return 2
+def conclude(verdict: Verdict, rank: int) -> int:
+    """The exit code of a run that ends at the start-up agreement; rank 0 says why."""
+    if rank == 0 and verdict.message:
+        print(f"train.py: error: {verdict.message}", file=sys.stderr)
+    return verdict.exit_code
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ Every data call is traced (see :mod:`mpipar.trace`) with op, group name, peer as
 rank, bytes (the ``nbytes`` of the buffer this rank hands in), dtype and shape. Control-plane
 calls are not traced: they are not part of the model's communication.
 
+A ``Comm`` given an :class:`Activity` also notes every blocking call as it starts and ends,
+control-plane calls included, so that a watchdog thread (:mod:`mpipar.watchdog`) can tell,
+while the main thread is stuck inside MPI, which call it is stuck in. mpi4py releases the
+Python lock inside blocking MPI calls, so that thread runs meanwhile; :func:`abort` then ends
+the whole job from it.
+
 GPU arrays. With cupy arrays the same code runs: a buffer is first copied to host memory
 (``to_numpy``, which waits for the kernels that produced it), MPI moves the host copy, and
 received data is copied back to the device. An MPI built with CUDA support can read device
@@ -40,6 +46,7 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -98,6 +105,46 @@ def _check_same(a: Any, b: Any, what: str) -> None:
         raise ValueError(f"{what}: dtypes differ ({a.dtype} vs {b.dtype})")
 
 
+@dataclass
+class Call:
+    """One blocking communication call of this rank: what, with whom, and since when."""
+
+    op: str
+    group: str
+    peer: int | None  # the global rank at the other end of a point-to-point call
+    nbytes: int
+    start: float  # time.perf_counter() seconds
+    end: float | None = None  # None while the call has not returned
+
+    def describe(self, now: float) -> str:
+        """E.g. ``in recv on pp with rank 1 (2,048 bytes) for 5.0 s``."""
+        peer = "" if self.peer is None else f" with rank {self.peer}"
+        what = f"{self.op} on {self.group}{peer} ({self.nbytes:,} bytes)"
+        if self.end is None:
+            return f"in {what} for {now - self.start:.1f} s"
+        return f"last call {what} returned {now - self.end:.1f} s ago"
+
+
+class Activity:
+    """What this rank's communication is doing, for a watchdog on another thread.
+
+    ``call`` is the latest blocking call (``end is None`` while it has not returned), and
+    ``last_return`` the time the latest call returned: a returned call is progress. The main
+    thread writes both, the watchdog only reads them (single attribute stores, no lock needed).
+    """
+
+    def __init__(self) -> None:
+        self.call: Call | None = None
+        self.last_return = time.perf_counter()
+
+    def begin(self, op: str, group: str, peer: int | None, nbytes: int) -> Call:
+        self.call = Call(op, group, peer, nbytes, time.perf_counter())
+        return self.call
+
+    def end(self, call: Call) -> None:
+        call.end = self.last_return = time.perf_counter()
+
+
 class Request:
     """A non-blocking call in flight. ``wait()`` blocks until it completes; ``test()`` polls.
 
@@ -136,7 +183,8 @@ class Request:
         """Block until complete; returns the buffer (for a receive: now holding the data)."""
         if not self.done:
             blocked_from = self._clock()
-            self._req.Wait()
+            with self.comm._watched(f"wait {self._op}", self.buf, self._peer):
+                self._req.Wait()
             self._finish(self._clock() - blocked_from)
         return self.buf
 
@@ -184,9 +232,11 @@ class Comm:
     was received back (unstage).
     """
 
-    def __init__(self, mpi_comm: MPI.Comm, group: str, tracer: Tracer | None = None) -> None:
+    def __init__(self, mpi_comm: MPI.Comm, group: str, tracer: Tracer | None = None,
+                 activity: Activity | None = None) -> None:
         self.mpi = mpi_comm
         self.group = group
+        self.activity = activity  # shared by the groups split from this one
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
         # Without a tracer we still hold a disabled one, so each call checks one attribute.
@@ -199,9 +249,9 @@ class Comm:
         world.Free()
 
     @classmethod
-    def world(cls, tracer: Tracer | None = None) -> Comm:
+    def world(cls, tracer: Tracer | None = None, activity: Activity | None = None) -> Comm:
         """All processes of the job (``MPI.COMM_WORLD``), group name ``"world"``."""
-        return cls(MPI.COMM_WORLD, "world", tracer)
+        return cls(MPI.COMM_WORLD, "world", tracer, activity)
 
     @classmethod
     def self_group(cls, group: str, tracer: Tracer | None = None) -> Comm:
@@ -222,17 +272,31 @@ class Comm:
 
     def _traced(self, op: str, buf: Any, peer: int | None = None) -> AbstractContextManager:
         """Record the ``with`` body as one ``op`` call of ``buf``'s bytes, to group rank
-        ``peer`` (None for a collective). With tracing off this is a shared no-op context:
-        the clock is never read."""
-        if not self.tracer.enabled:
+        ``peer`` (None for a collective), and note it in the :class:`Activity`. With tracing
+        off and no activity this is a shared no-op context: the clock is never read."""
+        if not self.tracer.enabled and self.activity is None:
             return _UNTRACED
         return self._timed(op, buf, peer)
 
     @contextlib.contextmanager
     def _timed(self, op: str, buf: Any, peer: int | None) -> Iterator[None]:
         start = time.perf_counter()
-        yield  # an exception in the call propagates and leaves no record
-        self._record(op, buf, None if peer is None else self.members[peer], start)
+        peer = None if peer is None else self.members[peer]
+        with self._watched(op, buf, peer):
+            yield  # an exception in the call propagates and leaves no record
+        if self.tracer.enabled:
+            self._record(op, buf, peer, start)
+
+    @contextlib.contextmanager
+    def _watched(self, op: str, buf: Any, peer: int | None, nbytes: int = 0) -> Iterator[None]:
+        """Note the ``with`` body as a blocking call in the activity (if any); ``peer`` is a
+        global rank."""
+        if self.activity is None:
+            yield
+            return
+        call = self.activity.begin(op, self.group, peer, nbytes if buf is None else buf.nbytes)
+        yield
+        self.activity.end(call)
 
     def _record(self, op: str, buf: Any, peer: int | None, start: float, **stamp: Any) -> None:
         """One trace record, ending now; ``peer`` is a global rank, ``buf`` None for none."""
@@ -384,33 +448,47 @@ class Comm:
         ``None``. The new ``Comm`` shares this one's tracer and is named ``group``.
         """
         mpi_color = MPI.UNDEFINED if color is None else color
-        new = self.mpi.Split(mpi_color, key)
+        with self._watched("split", None, None):
+            new = self.mpi.Split(mpi_color, key)
         if new == MPI.COMM_NULL:
             return None
-        return Comm(new, group, self.tracer)
+        return Comm(new, group, self.tracer, self.activity)
 
     def allgather_object(self, obj: Any) -> list[Any]:
         """Control plane: every rank gets the list of all ranks' (pickled) ``obj``.
 
         For small Python values (config hashes, shapes, metrics); never for tensors.
         """
-        return self.mpi.allgather(obj)
+        with self._watched("allgather_object", None, None):
+            return self.mpi.allgather(obj)
 
     def bcast_object(self, obj: Any, root: int = 0) -> Any:
         """Control plane: every rank gets ``root``'s (pickled) ``obj``."""
-        return self.mpi.bcast(obj, root=root)
+        with self._watched("bcast_object", None, None):
+            return self.mpi.bcast(obj, root=root)
 
     def gather_object(self, obj: Any, root: int = 0) -> list[Any] | None:
         """Control plane: ``root`` gets the list of all ranks' ``obj``; others get ``None``.
 
         Used to collect trace records and metrics on one rank for writing.
         """
-        return self.mpi.gather(obj, root=root)
+        with self._watched("gather_object", None, None):
+            return self.mpi.gather(obj, root=root)
 
 
 def world_size_and_rank() -> tuple[int, int]:
     """``(size, rank)`` of the job; ``(1, 0)`` when started without ``mpirun``."""
     return MPI.COMM_WORLD.Get_size(), MPI.COMM_WORLD.Get_rank()
+
+
+def abort(code: int) -> None:
+    """End the whole job now with exit code ``code`` (``MPI_Abort``), from any thread.
+
+    The launcher kills every rank, stopped ones included; a 1-process run exits with ``code``.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(code)
 
 
 def install_excepthook(world: Comm) -> None:

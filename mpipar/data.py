@@ -14,6 +14,7 @@ Token arrays live on the host (numpy); the training loop moves each rank's slice
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -102,6 +103,12 @@ def default_corpus() -> tuple[str, str]:
         f"({len(keys)} topics, {len(text):,} characters, {len(set(text))} distinct)"
     )
     return text, description
+
+
+def text_digest(text: str) -> str:
+    """SHA-256 (hex) of ``text`` as UTF-8: what a checkpoint records of the text it was trained
+    on, and what ranks compare at start-up to know that they read the same text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

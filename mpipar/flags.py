@@ -2,22 +2,32 @@
 
 Each flag's type check lives here (a negative ``--steps`` is refused while parsing); rules
 that involve several flags (the layout, divisibility, output paths) are checked once the
-configuration is assembled (`train.py`'s ``configure`` and `mpipar.grid.validate_layout`).
+configuration is assembled (`train.py`'s ``configure``, `mpipar.grid.layout_problems`,
+`mpipar.outputs`). No flag ends a process on its own: a bad one raises :class:`UsageError`
+for the start-up agreement of all ranks (`mpipar.agreement`).
 The schedule names and ZeRO stages come from `mpipar.grid`, their one source.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 from mpipar.grid import SCHEDULES, ZERO_STAGES
 from mpipar.model import PRESETS
 from mpipar.training import EVAL_TOKENS
+from mpipar.watchdog import FACTOR, FLOOR_S, STARTUP_LIMIT_S, TIMED_STEPS
 
 DEFAULT_PRESET = "small"
 DEFAULT_STEPS = 400
+
+
+class UsageError(ValueError):
+    """A bad flag or combination of flags (exit code 2)."""
+
+
+class HelpRequested(Exception):
+    """``--help`` was given (and printed, on rank 0)."""
+
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -48,6 +58,13 @@ class Replaced(argparse.Action):
                      "in tokens (N = batches × --batch-size × --seq-len)")
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
+    return value
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Ends a flag's help with ``(default: X)``, unless there is no X to tell: no default
     (``None``), an off switch (``False``), or a help text that states its default itself."""
@@ -72,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_flags(ap.add_argument_group("training"))
     add_parallelism_flags(ap.add_argument_group("parallelism"))
     add_distillation_flags(ap.add_argument_group("distillation (mpipar/distill.py)"))
-    add_output_flags(ap.add_argument_group("output"))
+    add_output_flags(ap.add_argument_group(
+        "output", "Every output's directory must already exist; each path is checked (a file "
+                  "is created there and removed) before the first step."))
     return ap
 
 
@@ -155,6 +174,11 @@ def add_parallelism_flags(g: argparse._ArgumentGroup) -> None:
                    help="data-parallel all-reduce: MPI's, or the ring written out in mpipar")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split LayerNorm and dropout work along the sequence over tp ranks")
+    g.add_argument("--timeout", type=non_negative_float, metavar="SECONDS",
+                   help="watchdog: end the job (exit 1) when a rank makes no progress (no "
+                        "step finished, no communication call returned) for SECONDS; 0 "
+                        f"disables it (default: {STARTUP_LIMIT_S:g} until {TIMED_STEPS} steps "
+                        f"have run, then max({FLOOR_S:g}, {FACTOR:g} × the slowest of them))")
 
 
 def add_distillation_flags(g: argparse._ArgumentGroup) -> None:
@@ -175,11 +199,17 @@ def add_output_flags(g: argparse._ArgumentGroup) -> None:
                    help="write the metrics, the trace and one self-contained HTML page of "
                         "the run (DIR/report.html) into DIR")
     g.add_argument("--save", metavar="DIR", help="write a checkpoint at the end")
+    g.add_argument("--save-every", type=positive_int, metavar="K",
+                   help="also write the --save checkpoint every K steps, each replacing the "
+                        "previous one atomically (only the latest is kept)")
     g.add_argument("--stop-at", type=positive_int, metavar="STEP",
                    help="stop after STEP steps, as if interrupted (the learning-rate schedule "
                         "still follows --steps); resume later with --resume")
     g.add_argument("--resume", metavar="DIR",
                    help="continue from a checkpoint (saved in any layout)")
+    g.add_argument("--allow-new-data", action="store_true",
+                   help="resume although the training text is not the one the checkpoint "
+                        "was trained on (refused otherwise)")
     g.add_argument("--sample", type=non_negative_int, default=0, metavar="N",
                    help="print N generated characters at the end")
     g.add_argument("--temperature", type=float, default=0.8,
@@ -191,21 +221,19 @@ def add_output_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--quiet", action="store_true", help="print only the final summary")
 
 
-def launcher_rank() -> int:
-    """This process's rank as the MPI launcher announced it (read before MPI starts)."""
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The flags. Under mpirun only rank 0 prints help or a bad flag; every rank exits."""
+def parse_args(argv: list[str] | None, rank: int = 0) -> argparse.Namespace:
+    """The flags. A bad flag raises :class:`UsageError`, ``--help`` :class:`HelpRequested`
+    (after printing the help, on rank 0 only), so that no rank exits on its own: every rank
+    reports to the start-up agreement first (`mpipar.agreement`)."""
     parser = build_parser()
-    # A bad flag is reported in one line that names it and its value, like every other usage
-    # error, rather than after the whole usage block (--help shows that).
-    parser.print_usage = lambda file=None: None
-    if launcher_rank() != 0:
-        parser.error = lambda message: sys.exit(2)
-        parser.print_help = lambda file=None: None  # --help then exits 0, silently
+
+    def error(message: str) -> None:
+        raise UsageError(message)
+
+    def leave(status: int = 0, message: str | None = None) -> None:
+        raise HelpRequested  # argparse exits this way only after printing --help
+
+    parser.error, parser.exit = error, leave
+    if rank != 0:
+        parser.print_help = lambda file=None: None
     return parser.parse_args(argv)

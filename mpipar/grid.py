@@ -104,8 +104,22 @@ def validate_layout(
     * sequence parallelism splits the sequence over tp ranks: ``seq_len % tp == 0``.
     * ``zero`` is 0 (off), 1 (shard optimizer state) or 2 (also shard gradients).
 
-    Every violated rule is reported, in one :class:`ConfigError`.
+    Every violated rule is reported, in one :class:`ConfigError` (:func:`layout_problems`
+    lists them without raising).
     """
+    problems = layout_problems(
+        world_size, dp, tp, pp, batch_size=batch_size, microbatches=microbatches,
+        n_layer=n_layer, n_head=n_head, d_model=d_model, virtual_stages=virtual_stages,
+        schedule=schedule, zero=zero, sequence_parallel=sequence_parallel, seq_len=seq_len)
+    if problems:
+        raise problems_error(problems)
+
+
+def layout_problems(world_size: int, dp: int, tp: int, pp: int, *, batch_size: int,
+                    microbatches: int, n_layer: int, n_head: int, d_model: int,
+                    virtual_stages: int = 1, schedule: str = "1f1b", zero: int = 0,
+                    sequence_parallel: bool = False, seq_len: int | None = None) -> list[str]:
+    """The rules of :func:`validate_layout` that a layout breaks, one line each."""
     sizes = {
         "--dp": dp, "--tp": tp, "--pp": pp, "--batch-size": batch_size,
         "--microbatches": microbatches, "--virtual-stages": virtual_stages,
@@ -113,13 +127,11 @@ def validate_layout(
     }
     problems = [f"{flag} must be at least 1, got {v}" for flag, v in sizes.items() if v < 1]
     if problems:  # the arithmetic below would divide by them
-        _raise(problems)
-    problems += _grid_problems(world_size, dp, tp, pp, batch_size, microbatches)
-    problems += _shape_problems(tp, pp, virtual_stages, n_layer, n_head, d_model)
-    problems += _schedule_problems(schedule, pp, microbatches, virtual_stages)
-    problems += _option_problems(tp, sequence_parallel, seq_len, zero)
-    if problems:
-        _raise(problems)
+        return problems
+    return (_grid_problems(world_size, dp, tp, pp, batch_size, microbatches)
+            + _shape_problems(tp, pp, virtual_stages, n_layer, n_head, d_model)
+            + _schedule_problems(schedule, pp, microbatches, virtual_stages)
+            + _option_problems(tp, sequence_parallel, seq_len, zero))
 
 
 def _grid_problems(world_size: int, dp: int, tp: int, pp: int, batch_size: int,
@@ -193,10 +205,12 @@ def _option_problems(tp: int, sequence_parallel: bool, seq_len: int | None,
     return problems
 
 
-def _raise(problems: list[str]) -> None:
+def problems_error(problems: list[str]) -> ConfigError:
+    """One :class:`ConfigError` for all ``problems``: the line itself when there is one, else
+    ``invalid configuration:`` and one indented ``- problem`` line each."""
     if len(problems) == 1:
-        raise ConfigError(problems[0])
-    raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        return ConfigError(problems[0])
+    return ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def rank_coords(rank: int, dp: int, tp: int, pp: int) -> tuple[int, int, int]:
@@ -307,39 +321,62 @@ class ProcessGrid:
         )
 
 
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts become dotted keys (``{"model": {"d_model": 64}}`` → ``model.d_model``),
+    so that a difference is reported as the one setting that differs."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
 def config_digest(config: dict[str, Any]) -> str:
     """SHA-256 (hex) of the canonical JSON of ``config`` (sorted keys; non-JSON → str)."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(_canonical(config).encode()).hexdigest()
+
+
+def config_differences(configs: list[dict[str, Any]]) -> str | None:
+    """``None`` when every rank's config is the same, else a message naming only the keys
+    that differ and, for each group of ranks that agree, their values::
+
+        ranks were started with different configurations (2 variants):
+          ranks [0, 2, 3]: lr=0.1
+          ranks [1]: lr=0.3
+
+    Values are compared as they are hashed (canonical JSON), so equal means equal bytes.
+    """
+    flat = [flatten_config(c) for c in configs]
+    groups: dict[str, list[int]] = {}
+    for rank, c in enumerate(flat):
+        groups.setdefault(config_digest(c), []).append(rank)
+    if len(groups) == 1:
+        return None
+    keys = sorted(set().union(*flat))
+    differ = [k for k in keys if len({_canonical(c.get(k, "<missing>")) for c in flat}) > 1]
+    lines = [f"ranks were started with different configurations ({len(groups)} variants):"]
+    for ranks in groups.values():
+        c = flat[ranks[0]]
+        values = ", ".join(f"{k}={c.get(k, '<missing>')!r}" for k in differ)
+        lines.append(f"  ranks {ranks}: {values}")
+    return "\n".join(lines)
 
 
 def check_same_config(world: Comm, config: dict[str, Any]) -> None:
     """Fail on every rank, with one message, unless all ranks were given the same config.
 
     Ranks started with different arguments (a typo in an MPMD launch, a stale file) would
-    otherwise build different models and hang or diverge silently. Each rank hashes its
-    config and the hashes are all-gathered (a control message); on a mismatch the full
-    configs are all-gathered too, so the message can name the differing keys. All ranks see
-    the same data and raise the same :class:`ConfigError`, so all exit with code 2.
+    otherwise build different models and hang or diverge silently. The configs are
+    all-gathered (a small control message) and compared by :func:`config_differences`;
+    every rank sees the same list and raises the same :class:`ConfigError`, so all exit
+    with code 2.
     """
-    digests = world.allgather_object(config_digest(config))
-    if len(set(digests)) == 1:
-        return
-    configs = world.allgather_object(config)
-    groups: dict[str, list[int]] = {}
-    for rank, digest in enumerate(digests):
-        groups.setdefault(digest, []).append(rank)
-    keys = sorted(set().union(*configs))
-    # Compare values the way they were hashed (canonical JSON), so the list of differing
-    # keys always agrees with the hashes.
-    differ = [
-        k for k in keys
-        if len({json.dumps(c.get(k, "<missing>"), sort_keys=True, default=str)
-                for c in configs}) > 1
-    ]
-    lines = [f"ranks were started with different configurations ({len(groups)} variants):"]
-    for ranks in groups.values():
-        c = configs[ranks[0]]
-        values = ", ".join(f"{k}={c.get(k, '<missing>')!r}" for k in differ)
-        lines.append(f"  ranks {ranks}: {values}")
-    raise ConfigError("\n".join(lines))
+    message = config_differences(world.allgather_object(config))
+    if message is not None:
+        raise ConfigError(message)

@@ -4,6 +4,7 @@ The metrics file (docs/design.md §3) holds one JSON object per line, written by
 a line per training step (``step, loss, lr, grad_norm, step_time_s, tokens_per_s``), a line
 per evaluation (``step, val_loss, val_ppl, val_bpc``) and a last ``{"event": "summary"}``
 line with the totals. The same numbers are printed as progress lines for a person to read.
+A number that is not finite (a loss that became NaN) is written as ``null``.
 """
 
 from __future__ import annotations
@@ -16,15 +17,30 @@ from typing import Any
 from mpipar.trace import format_summary_table
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None``: JSON has no such
+    numbers (Python writes ``NaN``, which most other readers refuse), ``null`` is JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 class MetricsWriter:
-    """JSON lines on global rank 0; a no-op elsewhere or without a path."""
+    """JSON lines on global rank 0; a no-op elsewhere or without a path.
+
+    Strict JSON: a loss that became NaN is written as ``null`` (:func:`strict_json`).
+    """
 
     def __init__(self, path: str | None, active: bool) -> None:
         self._file = open(path, "w", encoding="utf-8") if path and active else None  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
             self._file.flush()
 
     def close(self) -> None:

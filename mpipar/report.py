@@ -44,21 +44,9 @@ METRICS_FILE, TRACE_FILE = "metrics.jsonl", "trace.jsonl"
 # ---- the run directory ---------------------------------------------------------------------
 
 
-def check_run_dir(path: str) -> str | None:
-    """Why ``--report path`` cannot be made a directory (a file is in the way), or None.
-
-    Missing directories on the way are fine: :func:`prepare_run_dir` creates them.
-    """
-    here = os.path.abspath(path)
-    while not os.path.exists(here):
-        here = os.path.dirname(here)
-    if not os.path.isdir(here):
-        return f"--report {path}: {here} exists and is not a directory"
-    return None
-
-
 def prepare_run_dir(path: str, metrics: str | None, trace: str | None) -> tuple[str, str]:
-    """Create the directory; the metrics and trace paths (given, or the files inside it)."""
+    """Create the directory (its parent exists: `mpipar/outputs.py` checked that before the
+    first step); the metrics and trace paths (given, or the files inside it)."""
     os.makedirs(path, exist_ok=True)
     return metrics or os.path.join(path, METRICS_FILE), trace or os.path.join(path, TRACE_FILE)
 

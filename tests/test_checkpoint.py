@@ -23,6 +23,7 @@ from mpipar.checkpoint import (
     unpack_state,
 )
 from mpipar.nn import Init, Parameter
+from mpipar.npz import ArraySpec
 from mpipar.parallel.full_state import owns, writes_full_state
 
 
@@ -80,7 +81,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         path.write_bytes(b"PK\x03\x04 half an archive")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "_write_npz", crash)
+    monkeypatch.setattr(ckpt, "write_npz", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(target, _arrays(1), {"step": 2})
     loaded, meta = load_checkpoint(target)
@@ -194,6 +195,32 @@ def test_bad_meta_json(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(target)
     assert "JSON object" in _msg(e)
+
+
+def test_meta_json_must_match_its_checksum(tmp_path):
+    """A hand edit that keeps valid JSON (a step, a learning rate) is refused too."""
+    target = tmp_path / "ck"
+    save_checkpoint(target, _arrays(), _meta())
+    text = (target / "meta.json").read_text()
+    (target / "meta.json").write_text(text.replace('"step": 12', '"step": 13'))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(target)
+    assert "meta.json does not match its checksum" in _msg(e)
+    (target / "meta.json").write_text(json.dumps(_meta()))  # no checksums at all
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(target)
+    assert "no valid 'checksums' entry" in _msg(e)
+    with pytest.raises(CheckpointError) as e:
+        save_checkpoint(tmp_path / "other", _arrays(), {"checksums": {}})
+    assert "reserved" in _msg(e)
+
+
+def test_check_state_compares_dtypes_where_both_sides_give_one():
+    expected = {"a": ArraySpec((2, 3), np.dtype(np.float32)), "b": (4,)}
+    check_state(expected, {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.int8)})
+    with pytest.raises(CheckpointError) as e:
+        check_state(expected, {"a": ArraySpec((2, 3), np.dtype(np.float16)), "b": np.zeros(4)})
+    assert _msg(e).endswith("1 wrong dtype (a: expected float32, found float16)")
 
 
 def test_check_state_accepts_a_match():

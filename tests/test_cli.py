@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from conftest import TINY_ARGS, TINY_TEXT, check_ok, describe_run
 
+from mpipar.checkpoint import load_checkpoint, save_checkpoint
+
 
 def assert_usage_error(proc, out_dir: Path, *fragments: str, keep: tuple = ()) -> None:
     """Exit 2, one stderr line naming the problem (every fragment), nothing written in
@@ -191,9 +193,16 @@ def test_bad_output_paths(run_train, tiny_data, out_dir):
 
 
 def test_layout_error_under_mpirun(run_train, out_dir):
-    """With 2 processes, every rank refuses the layout and exits; rank 0 alone says why."""
+    """With 2 processes, every rank refuses the layout and exits; rank 0 alone says why, and
+    the wrong world size does not hide the other broken rule."""
     proc = run_train([*TINY_ARGS, "--dp", "3", *outputs(out_dir)], n=2, timeout=120)
-    assert_usage_error(proc, out_dir, "world size 2", "--dp 3")
+    assert proc.returncode == 2, describe_run(proc)
+    assert proc.stderr.splitlines() == [
+        "train.py: error: invalid configuration:",
+        "  - world size 2 != --dp 3 × --tp 1 × --pp 1 = 3",
+        "  - --batch-size 8 is not divisible by --dp 3 × --microbatches 1 = 3 (every "
+        "microbatch must have the same size)"], describe_run(proc)
+    assert proc.stdout == "" and list(out_dir.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,9 +216,18 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 
 
 def edit_state(ckpt: Path, edit) -> None:
-    """Load ``state.npz``, let ``edit(arrays)`` change the dict, write it back with numpy."""
+    """Load the arrays, let ``edit(arrays)`` change the dict, and save the checkpoint again:
+    a checkpoint whose files agree with their checksums but not with the model."""
+    arrays, meta = load_checkpoint(ckpt)
+    edit(arrays)
+    save_checkpoint(ckpt, arrays, meta)
+
+
+def edit_state_unsigned(ckpt: Path, edit) -> None:
+    """Let ``edit(arrays)`` change the arrays and write ``state.npz`` back with plain numpy,
+    leaving ``meta.json`` (and its checksums) as they were."""
     with np.load(ckpt / "state.npz") as f:
-        arrays = {k: f[k] for k in f.files}
+        arrays = {k.removesuffix(".npy"): f[k] for k in f.files}
     edit(arrays)
     np.savez(ckpt / "state.npz", **arrays)
 
@@ -241,7 +259,11 @@ def missing_optimizer_key(d: Path) -> None:
 
 def object_array(d: Path) -> None:
     # np.savez pickles an object array into the member: loading it could run code.
-    edit_state(d, lambda a: a.update({"model.wpe.weight": np.array([{"x": 1}, None])}))
+    edit_state_unsigned(d, lambda a: a.update({"model.wpe.weight": np.array([{"x": 1}, None])}))
+
+
+def unsigned_edit(d: Path) -> None:
+    edit_state_unsigned(d, lambda a: a.pop("model.ln_f.bias"))
 
 
 BAD_CHECKPOINTS = {
@@ -253,6 +275,8 @@ BAD_CHECKPOINTS = {
     "missing_optimizer_key": (missing_optimizer_key,
                               ["optimizer state", "1 missing", "adamw.v.wpe.weight"]),
     "pickled_objects": (object_array, ["pickled", "model.wpe.weight"]),
+    "unsigned_edit": (unsigned_edit, ["state.npz does not hold the arrays meta.json lists",
+                                      "1 missing: model.ln_f.bias"]),
 }
 
 

@@ -6,10 +6,12 @@ reports, measured by the tests below:
 * every rank exits normally with code c (e.g. all raise ``SystemExit(2)``): exit code c;
 * one rank calls ``MPI_Abort(comm, c)``: hydra kills the other ranks and exits with c, so an
   uncaught exception (our excepthook aborts with 1) gives exit code 1;
+* one rank is killed by a signal: hydra kills the other ranks and exits with the signal's
+  number (9 for SIGKILL);
 * one rank exits, even with ``SystemExit(2)``, while the others wait in a collective: the job
-  **hangs**; hydra waits for the ranks still running. Hence configuration errors are detected
-  on every rank (the checks are deterministic, or their inputs are all-gathered first) and
-  every rank exits 2, and any other failure goes through ``MPI_Abort``.
+  **hangs**; hydra waits for the ranks still running. Hence no rank of ``train.py`` exits on
+  its own before the start-up agreement, where all ranks learn each other's verdict
+  (``tests/test_reliability_startup.py``), and any other failure goes through ``MPI_Abort``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 from mpi_util import alive, describe, run_mpi, script
 
 FAILURES = script("failures.py")
+FAULTY = script("faulty_train.py")
 
 
 def test_exception_on_one_rank_aborts_the_job_with_its_traceback():
@@ -33,6 +36,17 @@ def test_exception_on_one_rank_aborts_the_job_with_its_traceback():
     assert "[rank 1] RuntimeError: rank 1 failed on purpose" in err, describe(proc)
     assert 'raise RuntimeError("rank 1 failed on purpose")' in err
     assert "finished normally" not in proc.stdout, "ranks must not carry on past the failure"
+
+
+def test_a_killed_rank_ends_the_training_job():
+    """SIGKILL of rank 1 in the middle of training: the launcher ends rank 0 at once."""
+    t0 = time.monotonic()
+    proc = run_mpi(2, [FAULTY, "--preset", "tiny", "--steps", "100", "--eval-every", "0",
+                       "--quiet"], timeout=60, env={"MPIPAR_TEST_FAULT": "1:2:kill"})
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 9, describe(proc)
+    assert "Killed (signal 9)" in proc.stdout + proc.stderr, describe(proc)
+    assert "done:" not in proc.stdout and elapsed < 20, f"{elapsed:.1f} s\n{describe(proc)}"
 
 
 def test_config_error_on_every_rank_exits_2_with_one_message():
