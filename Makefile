@@ -28,6 +28,7 @@ venv: $(BIN)/activate
 ## train: NP processes of data parallelism on the built-in corpus; then text the model wrote
 ## and a report of the run in RUN/report.html (ARGS="--steps 50" adds flags to train.py)
 train: venv
+	@mkdir -p $(RUN)
 	$(BIN)/mpirun -n $(NP) $(BIN)/python train.py --report $(RUN) --save $(RUN)/checkpoint $(ARGS)
 	@echo "--- text the model wrote (python -m mpipar.sample --checkpoint $(RUN)/checkpoint)"
 	@$(BIN)/python -m mpipar.sample --checkpoint $(RUN)/checkpoint -n 300 --top-k 10

@@ -28,7 +28,7 @@ import numpy as np
 
 from mpipar.autograd import no_grad
 from mpipar.backend import get_xp, to_numpy
-from mpipar.checkpoint import CheckpointError, check_state, load_checkpoint, model_shapes
+from mpipar.checkpoint import CheckpointError, check_state, load_checkpoint
 from mpipar.data import CharTokenizer, DataError
 from mpipar.grid import ProcessGrid
 from mpipar.kv_cache import KVCache
@@ -36,6 +36,7 @@ from mpipar.model import GPT, GPTConfig, SerialLayers
 from mpipar.parallel.pipeline.decode import PipelineInference
 from mpipar.parallel.pipeline.stages import stage_bounds
 from mpipar.quantize import dequantize, model_state_of, quantize_shard
+from mpipar.resume import model_specs
 
 
 @dataclass
@@ -62,7 +63,7 @@ def load_for_inference(directory: str) -> LoadedCheckpoint:
         raise CheckpointError(f"{directory}: meta.json does not describe a model ({exc})") \
             from exc
     state = model_state_of(arrays, meta, np.dtype(cfg.dtype))
-    check_state(model_shapes(cfg), state)
+    check_state(model_specs(cfg), state)
     return LoadedCheckpoint(cfg, tokenizer, state, meta)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from mpipar import backend
 from mpipar.comm import Comm, install_excepthook, world_size_and_rank
-from mpipar.flags import launcher_rank, positive_int
+from mpipar.flags import positive_int
 from mpipar.grid import ConfigError, ProcessGrid, check_same_config, resolve_sizes, validate_layout
 from mpipar.inference import InferenceModel, LoadedCheckpoint
 from mpipar.trace import Tracer, to_chrome_trace, write_jsonl
@@ -48,7 +48,7 @@ def add_layout_flags(ap: argparse.ArgumentParser) -> None:
 def parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse flags; under mpirun only rank 0 prints an error (every rank exits 2)."""
     ap.print_usage = lambda file=None: None  # one-line errors, like every other usage error
-    if launcher_rank() != 0:
+    if world_size_and_rank()[1] != 0:
         ap.error = lambda message: sys.exit(2)
         ap.print_help = lambda file=None: None
     return ap.parse_args(argv)

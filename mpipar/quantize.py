@@ -39,13 +39,13 @@ from mpipar.checkpoint import (
     CheckpointError,
     check_state,
     load_checkpoint,
-    model_shapes,
     save_checkpoint,
     unpack_state,
 )
 from mpipar.comm import Comm
 from mpipar.model import GPTConfig
 from mpipar.nn import Parameter
+from mpipar.resume import model_specs
 
 INT8_PREFIX = "int8."
 SCALE_PREFIX = "scale."
@@ -153,7 +153,7 @@ def quantize_checkpoint(src: str, dst: str) -> tuple[int, int, float]:
         raise CheckpointError(f"--checkpoint {src} is already quantised")
     cfg = GPTConfig(**meta["model"])
     model_state, _ = unpack_state(arrays)
-    check_state(model_shapes(cfg), model_state)
+    check_state(model_specs(cfg), model_state)
     out = quantize_state(model_state)
     worst = 0.0
     for name, w in model_state.items():

@@ -163,7 +163,14 @@ def test_report_path_that_is_a_file_is_a_usage_error(run_train, tmp_path):
     blocker.write_text("not a directory")
     proc = run_train([*COMMON, "--report", blocker / "run"])
     assert proc.returncode == 2 and proc.stdout == "", describe_run(proc)
-    assert f"--report {blocker / 'run'}: {blocker} exists and is not a directory" in proc.stderr
+    assert f"--report {blocker / 'run'}: {blocker} is not a directory" in proc.stderr
+
+
+def test_report_follows_the_one_rule_for_outputs(run_train, tmp_path):
+    """Like every output, --report needs its parent directory to exist (docs/design.md §7)."""
+    proc = run_train([*COMMON, "--report", tmp_path / "missing" / "run"])
+    assert proc.returncode == 2 and proc.stdout == "", describe_run(proc)
+    assert f"directory {tmp_path / 'missing'} does not exist" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
