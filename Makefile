@@ -8,7 +8,7 @@ NP     ?= 4
 export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: venv train test lint bench clean
+.PHONY: venv train test lint bench course-check clean
 
 $(BIN)/activate: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: venv
 ## bench: throughput, MFU and parallel scaling figures (takes several minutes)
 bench: venv
 	$(BIN)/python bench/run_all.py
+
+## course-check: the course proves itself: reference 100%, handouts 0, every lab caught (minutes)
+course-check: venv
+	$(BIN)/python -m mpipar.course check
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
