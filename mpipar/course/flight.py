@@ -137,8 +137,14 @@ def _rank_calls(path: Path) -> tuple[list[dict[str, Any]], dict[int, dict[str, A
 
 
 def rank_tails(launch: Path, now: float | None = None) -> list[str]:
-    """One line per rank of the launch in ``launch``: where it is stuck, or what it did last."""
-    now = time.time() if now is None else now
+    """One line per rank of the launch in ``launch``: where it is stuck, or what it did last.
+
+    A call still open is reported with how long it had waited when the job was killed (the
+    time of the launch's timeout mark), or until ``now``.
+    """
+    mark = launch / TIMEOUT_MARK
+    if now is None:
+        now = mark.stat().st_mtime if mark.is_file() else time.time()
     lines = []
     files = sorted(launch.glob("rank*.jsonl"), key=lambda p: int(p.stem[4:]))
     for path in files:
