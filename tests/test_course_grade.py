@@ -61,6 +61,15 @@ def test_written_answers_are_marked_within_their_tolerance(tmp_path):
         read_sheet(sheet)
 
 
+def test_in_a_students_tree_the_written_answers_wait_for_the_instructor(handouts, tmp_path):
+    """A handout has the student's sheet and no key: marking it against itself would pass."""
+    tree = shutil.copytree(handouts / "A1", tmp_path / "A1")
+    (tree / "course/answers/A1.txt").write_text(
+        (MANIFEST.root / "course/answers/A1.txt").read_text())
+    result = grade(load_manifest(tree), "A1", ["A1.W"]).tasks[0]
+    assert result.status == "blocked" and "instructor" in result.hint
+
+
 def test_the_command_line_writes_json_and_exits_by_status(tmp_path):
     out = tmp_path / "a1.json"
     proc = python_subprocess(["-m", "mpipar.course", "grade", "A1", "--task", "A1.2",

@@ -111,7 +111,7 @@ def test_handout_stubs_its_functions_and_hides_the_answers(handouts, assignment)
     readme = (tree / "HANDOUT.md").read_text(encoding="utf-8")
     assert all(t.id in readme for t in a.tasks)
     workflow = (tree / ".github/workflows/classroom.yml").read_text(encoding="utf-8")
-    assert workflow.count("autograding-command-grader") == len(a.tasks)
+    assert workflow.count("autograding-command-grader") == len(a.code_tasks)
 
 
 @pytest.mark.parametrize("assignment", IDS)

@@ -6,7 +6,8 @@ For every task of the assignment (or the ones asked for):
   the whole group (pytest, ``mpirun``, every rank) is SIGKILLed, so a hung job costs its
   timeout and not the grading run. The task earns its points in proportion to the tests that
   pass;
-* a written task compares the answer sheet with the reference's key (:mod:`.answers`).
+* a written task compares the answer sheet with the reference's key (:mod:`.answers`);
+  in a student's tree, which has no key, it is ``blocked``.
 
 Each task ends ``passed``, ``failed`` (some test failed), ``timeout`` (killed; the report
 shows the last communication calls of every rank, from the flight recorder), ``error`` (its
@@ -34,7 +35,13 @@ from pathlib import Path
 
 from mpipar.course import flight
 from mpipar.course.answers import SheetError, mark
-from mpipar.course.handout import copy_tree, source_files, stub_file, stub_targets
+from mpipar.course.handout import (
+    HANDOUT_README,
+    copy_tree,
+    source_files,
+    stub_file,
+    stub_targets,
+)
 from mpipar.course.manifest import Assignment, Manifest, Task
 from mpipar.course.process import quiet_env, run
 
@@ -226,8 +233,10 @@ def run_written_task(task: Task, tree: Path, key_root: Path) -> TaskResult:
     result = TaskResult(task.id, task.name, task.points, 0.0, "error", 0.0, bonus=task.bonus)
     start = time.monotonic()
     key = key_root / task.answers
-    if not key.is_file():
-        result.hint = f"no answer key {task.answers} here: the instructor marks these"
+    if not key.is_file() or (key_root / HANDOUT_README).is_file():
+        # A student's tree: its sheet is the student's own; the key stays with the instructor.
+        result.status = "blocked"
+        result.hint = f"no answer key {task.answers} in this tree: the instructor marks these"
         return result
     try:
         marked = mark(task, tree / task.answers, key)

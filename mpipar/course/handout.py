@@ -171,14 +171,15 @@ def readme(a: Assignment) -> str:
         f"python -m mpipar.course grade {a.id} --task {a.code_tasks[0].id}",
         "```", "",
         f"Or run a task's tests directly: `python -m pytest {a.tests} -m "
-        f"{a.code_tasks[0].marker}`.", "",
+        f"{a.code_tasks[0].marker}`. The written answers are marked by your instructor "
+        "(their key is not in this tree, so they show as `blocked` here).", "",
     ])
 
 
 def classroom_workflow(a: Assignment) -> str:
     """A GitHub Classroom autograding workflow: one step per task, each with its points."""
     steps, ids = [], []
-    for t in a.tasks:
+    for t in a.code_tasks:  # written answers are marked against the key, which stays home
         step = t.id.replace(".", "-").lower()
         ids.append(step)
         steps += [

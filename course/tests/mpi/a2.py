@@ -88,6 +88,12 @@ def ring(world: Comm, checks: Checks, options: dict) -> None:
             total = sum(per_rank[i] for per_rank in sent)
             assert total == 2 * (n - 1) * buf.nbytes, f"{what}: {total} B sent, " \
                 f"not 2(n−1)·B = {2 * (n - 1) * buf.nbytes}"
+    _ring_average(comm, tracer, checks)
+
+
+def _ring_average(comm: Comm, tracer: Tracer, checks: Checks) -> None:
+    """Real gradients of each rank's shard, summed by the ring and divided by n."""
+    n, r = comm.size, comm.rank
     cfg = config()
     x, y = tokens(cfg, BATCH)
     _, want = serial_gradients(cfg, x, y)

@@ -14,13 +14,19 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
-from checks import Checks, assert_close, config, main, serial_gradients, tokens
+from checks import (
+    Checks,
+    assert_close,
+    config,
+    main,
+    pipeline_chunks,
+    serial_gradients,
+    tokens,
+)
 
 from mpipar.comm import Comm
 from mpipar.data import CharTokenizer, make_dataset
 from mpipar.grid import ProcessGrid
-from mpipar.model import GPT, SerialLayers
 from mpipar.nn import DropoutKey
 from mpipar.parallel.pipeline.executor import PipelineExecutor
 from mpipar.trace import Tracer
@@ -30,26 +36,10 @@ BATCH = 12
 TEXT = "".join(f"line {i}: the quick brown fox jumps over a lazy dog.\n" for i in range(40))
 
 
-def _chunks(cfg, grid: ProcessGrid, v: int) -> list[GPT]:
-    """This rank's chunks, chunk c = virtual stage c·p + r, blocks split as evenly as
-    possible (cut here, not by the student's stage_bounds)."""
-    s = grid.pp * v
-    edges = [len(a) for a in np.array_split(np.arange(cfg.n_layer), s)]
-    starts = np.concatenate([[0], np.cumsum(edges)])
-    chunks = []
-    for c in range(v):
-        stage = c * grid.pp + grid.pp_rank
-        chunk = GPT(cfg, SerialLayers(np.float64), first_layer=int(starts[stage]),
-                    last_layer=int(starts[stage + 1]), pre=stage == 0, post=stage == s - 1)
-        chunk.initialize(1)
-        chunks.append(chunk)
-    return chunks
-
-
 def _run(world: Comm, schedule: str, m: int, v: int):
     cfg = config(n_layer=4)
     grid = ProcessGrid.build(world, 1, 1, world.size)
-    chunks = _chunks(cfg, grid, v)
+    chunks = pipeline_chunks(cfg, grid, v)
     tc = SimpleNamespace(schedule=schedule, microbatches=m, virtual_stages=v)
     ex = PipelineExecutor(chunks, grid, tc, Tracer(world.rank))
     x, y = tokens(cfg, BATCH)

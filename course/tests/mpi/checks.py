@@ -27,7 +27,8 @@ import numpy as np
 
 from mpipar.comm import Comm, install_excepthook
 from mpipar.course import flight
-from mpipar.model import GPT, GPTConfig, build_model
+from mpipar.grid import ProcessGrid
+from mpipar.model import GPT, GPTConfig, SerialLayers, build_model
 
 HERE = Path(__file__).resolve().parent
 TOL = 1e-10  # relative, float64: the same sums in another order
@@ -119,3 +120,19 @@ def serial_gradients(cfg: GPTConfig, x, y, seed: int = 1) -> tuple[float, dict[s
 def flat(model: GPT, grads: dict[str, np.ndarray]) -> np.ndarray:
     """The gradients of ``model``'s parameters, in its parameter order, as one vector."""
     return np.concatenate([grads[p.name].reshape(-1) for p in model.parameters()])
+
+
+def pipeline_chunks(cfg: GPTConfig, grid: ProcessGrid, v: int) -> list[GPT]:
+    """This rank's chunks, chunk c = virtual stage c·p + r, blocks split as evenly as
+    possible (cut here, not by the student's stage_bounds)."""
+    s = grid.pp * v
+    edges = [len(a) for a in np.array_split(np.arange(cfg.n_layer), s)]
+    starts = np.concatenate([[0], np.cumsum(edges)])
+    chunks = []
+    for c in range(v):
+        stage = c * grid.pp + grid.pp_rank
+        chunk = GPT(cfg, SerialLayers(np.float64), first_layer=int(starts[stage]),
+                    last_layer=int(starts[stage + 1]), pre=stage == 0, post=stage == s - 1)
+        chunk.initialize(1)
+        chunks.append(chunk)
+    return chunks

@@ -18,8 +18,15 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-from a5 import _chunks
-from checks import Checks, assert_close, config, main, serial_gradients, tokens
+from checks import (
+    Checks,
+    assert_close,
+    config,
+    main,
+    pipeline_chunks,
+    serial_gradients,
+    tokens,
+)
 
 from mpipar.autograd import Tensor
 from mpipar.comm import Comm
@@ -117,7 +124,7 @@ def microbatch_scaling(world: Comm, checks: Checks) -> None:
     cfg = config(n_layer=2)
     grid = ProcessGrid.build(world, 1, 1, world.size)
     tc = SimpleNamespace(schedule="naive", microbatches=4, virtual_stages=1)
-    chunks = _chunks(cfg, grid, 1)
+    chunks = pipeline_chunks(cfg, grid, 1)
     ex = PipelineExecutor(chunks, grid, tc, Tracer(world.rank))
     x, y = tokens(cfg, BATCH)
     rows = [slice(k * 2, (k + 1) * 2) for k in range(4)]
