@@ -311,8 +311,8 @@ def test_adamw_update_follows_the_textbook_rule():
 def test_learning_rate_warms_up_then_follows_the_cosine():
     got = [lr_at(s, max_lr=3e-3, warmup_steps=20, total_steps=300) for s in
            (0, 9, 19, 20, 160, 299, 300, 400)]
-    want = [1.5e-4, 1.5e-3, 3e-3, 3e-3, 1.65e-3, 3e-4 + 1.35e-3 * (1 + math.cos(math.pi * 279
-                                                                            / 280)), 3e-4, 3e-4]
+    last = 3e-4 + 0.5 * 2.7e-3 * (1 + math.cos(math.pi * 279 / 280))  # step S − 1
+    want = [1.5e-4, 1.5e-3, 3e-3, 3e-3, 1.65e-3, last, 3e-4, 3e-4]
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
 

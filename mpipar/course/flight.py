@@ -112,8 +112,10 @@ def install() -> bool:
 
 
 def _describe(call: dict[str, Any]) -> str:
-    peer = "" if call.get("peer") is None else f" {'to' if call['op'] != 'recv' else 'from'} " \
-                                                f"rank {call['peer']}"
+    """"send to rank 1 (4,000,000 B, world) from ring_reduce_scatter"."""
+    peer = ""
+    if call.get("peer") is not None:
+        peer = f" {'from' if call['op'] in ('recv', 'irecv') else 'to'} rank {call['peer']}"
     return (f"{call['op']}{peer} ({call['nbytes']:,} B, {call['group']}) "
             f"from {call['caller']}")
 

@@ -97,15 +97,18 @@ def _fences(lines: list[str]) -> list[tuple[str, list[str], str | None]]:
 
 
 def _commands(body: list[str]) -> list[tuple[str, int]]:
-    commands, current = [], ""
+    """(command, expected exit code) per command; a line ending in ``\\`` continues."""
+    commands, current = [], []
     for line in body:
-        if not line.strip() or line.lstrip().startswith("#"):
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
             continue
-        current += line.rstrip("\\").rstrip() + " " if line.endswith("\\") else line
-        if not line.endswith("\\"):
-            m = _EXITS.search(current)
-            commands.append((current.strip(), int(m[1]) if m else 0))
-            current = ""
+        current.append(line.rstrip().rstrip("\\").strip())
+        if line.rstrip().endswith("\\"):
+            continue
+        text = " ".join(current)
+        m = _EXITS.search(text)
+        commands.append((text, int(m[1]) if m else 0))
+        current = []
     return commands
 
 
@@ -139,8 +142,7 @@ def parse_lab(path: Path) -> Lab:
     symptom_lines = sections["symptom"]
     commands = [c for lang, body, _ in _fences(symptom_lines) if lang == "sh"
                 for c in _commands(body)]
-    notes = "\n".join(ln for ln in re.sub(r"```.*?```", "", "\n".join(symptom_lines),
-                                          flags=re.DOTALL).splitlines()).strip()
+    notes = re.sub(r"```.*?```", "", "\n".join(symptom_lines), flags=re.DOTALL).strip()
     hints = [h.strip() for h in re.findall(r"^\d+\. (.+)$", "\n".join(sections["hints"]),
                                            re.MULTILINE)]
     if not commands or not hints:
@@ -184,12 +186,13 @@ def lab_readme(lab: Lab) -> str:
     ladder = []
     for k, hint in enumerate(lab.hints, start=1):
         ladder += [f"<details><summary>Hint {k}</summary>", "", hint, "", "</details>", ""]
-    commands = "\n".join(c for c, _ in lab.symptom)
+    commands = "\n".join(_EXITS.sub("", c).rstrip() for c, _ in lab.symptom)
+    notes = [lab.symptom_notes, ""] if lab.symptom_notes else []
     return "\n".join([
         f"# Lab {lab.id}: {lab.title}", "",
         f"Read first: `{lab.chapter}`. This tree is the reference with one bug in it.", "",
-        lab.story, "", "## The symptom", "", "```sh", commands, "```", "", lab.symptom_notes,
-        "", "## Find it, fix it", "",
+        lab.story, "", "## The symptom", "", "```sh", commands, "```", "", *notes,
+        "## Find it, fix it", "",
         f"The detector fails until the bug is gone: `python -m pytest {lab.detector}`, or",
         f"`python -m mpipar.course lab check {lab.id} .`", "", *ladder])
 
