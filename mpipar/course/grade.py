@@ -152,7 +152,10 @@ def grading_tree(manifest: Manifest, a: Assignment, submission: Path, workdir: P
 # ---- one task -----------------------------------------------------------------------------------
 
 
-_EXCEPTION = re.compile(r"\b[A-Z]\w*(Error|Exception): .+")
+# An exception line of a traceback, as pytest ("E   ...") or a rank's hook ("[rank 1] ...")
+# prints it; never an indented source line that merely mentions an exception.
+_EXCEPTION = re.compile(r"^(?:E\s+)?(?:\[rank \d+\]\s*)?([A-Z]\w*(?:Error|Exception): .+)$",
+                        re.MULTILINE)
 
 
 def _summary(problem: ET.Element) -> str:
@@ -161,8 +164,8 @@ def _summary(problem: ET.Element) -> str:
     first_text = (problem.get("message") or problem.text or problem.tag).strip()
     first = next((ln for ln in first_text.splitlines() if ln.strip()), problem.tag)
     cause = _EXCEPTION.search(problem.text or "")
-    if cause and cause.group(0) not in first:
-        first = f"{first} — {cause.group(0)}"
+    if cause and not _EXCEPTION.search(first) and cause.group(1) not in first:
+        first = f"{first} — {cause.group(1)}"
     return first[:400]
 
 
