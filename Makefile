@@ -10,7 +10,7 @@ ARGS   ?=
 export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: venv train test lint figures bench clean
+.PHONY: venv train test lint figures bench course-check clean
 
 # One line per stage; pip itself prints nothing unless something fails (-qq keeps errors).
 $(BIN)/activate: setup.cfg pyproject.toml
@@ -52,6 +52,10 @@ figures: venv
 ## bench: throughput, MFU and parallel scaling figures (takes several minutes)
 bench: venv
 	$(BIN)/python bench/run_all.py
+
+## course-check: the course proves itself: reference 100%, handouts 0, every lab caught (minutes)
+course-check: venv
+	$(BIN)/python -m mpipar.course check
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
