@@ -18,6 +18,7 @@ import pytest
 from mpipar.autograd import graph_nbytes
 from mpipar.course.answers import close_enough, read_sheet
 from mpipar.course.manifest import load_manifest
+from mpipar.kv_cache import kv_bytes_per_token
 from mpipar.model import PRESETS, GPTConfig, build_model, flops_per_token
 from mpipar.parallel.pipeline.checker import check_schedule, theoretical_bubble
 from mpipar.parallel.pipeline.schedules import interleaved_one_f_one_b, one_f_one_b
@@ -113,6 +114,7 @@ CHAPTER_NUMBERS = [
     ("03_tensor_parallel.md", f"{key_values()['A4.Q1']:,}"),
     ("03_tensor_parallel.md", f"{math.ceil(50257 / 8) * 8:,}"),
     ("04_pipeline_parallel.md", f"{theoretical_bubble('interleaved', 4, 8, 2):.4f}"),
+    ("07_inference.md", f"{kv_bytes_per_token(4, 256, 4) * 16 * 128:,}"),  # medium, 16 × 128
 ]
 
 
