@@ -63,13 +63,13 @@ from mpipar.metrics import (
     peak_memory_bytes,
 )
 from mpipar.model import PRESETS, GPTConfig, flops_per_token
-from mpipar.parallel.full_state import full_state, load_full_state
 from mpipar.parallel.pipeline.measure import (
     format_pipeline_report,
     pipeline_report,
     step_extents,
 )
 from mpipar.parallel.zero import format_memory_report, memory_report
+from mpipar.precision import resolve_precision
 from mpipar.quantize import refuse_quantized
 from mpipar.report import check_run_dir, prepare_run_dir, reproduce_command, write_report
 from mpipar.trace import Tracer, load_jsonl, to_chrome_trace, write_jsonl
@@ -113,6 +113,7 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
     if args.zero and args.optimizer != "adamw":
         raise UsageError(f"--zero {args.zero} shards AdamW's state; it does not apply to "
                          f"--optimizer {args.optimizer}")
+    resolve_precision(args.precision, args.dtype)  # ValueError (exit 2) if refused
     validate_layout(world_size, dp, tp, pp, batch_size=batch_size,
                     microbatches=args.microbatches, n_layer=shape["n_layer"],
                     n_head=shape["n_head"], d_model=shape["d_model"],
@@ -150,6 +151,9 @@ def check_values(args: argparse.Namespace) -> None:
         ("--grad-clip", args.grad_clip, 0.0 <= args.grad_clip < math.inf,
          "finite and >= 0 (0 disables clipping)"),
         ("--momentum", args.momentum, 0.0 <= args.momentum < 1.0, "in [0, 1)"),
+        ("--beta1", args.beta1, 0.0 <= args.beta1 < 1.0, "in [0, 1)"),
+        ("--beta2", args.beta2, 0.0 <= args.beta2 < 1.0, "in [0, 1)"),
+        ("--eps", args.eps, math.isfinite(args.eps), "finite"),
     ):
         if not ok:
             raise UsageError(f"{flag} must be {rule}, got {value}")
@@ -174,7 +178,8 @@ def train_config(args: argparse.Namespace, batch_size: int) -> TrainConfig:
         steps=args.steps, batch_size=batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, seed=args.seed, optimizer=args.optimizer,
-        momentum=args.momentum, eval_every=args.eval_every,
+        momentum=args.momentum, beta1=args.beta1, beta2=args.beta2, eps=args.eps,
+        precision=args.precision, eval_every=args.eval_every,
         eval_tokens=args.eval_tokens or EVAL_TOKENS[args.preset],
         log_every=args.log_every, microbatches=args.microbatches, schedule=args.schedule,
         virtual_stages=args.virtual_stages, zero=args.zero, bucket_mb=args.bucket_mb,
@@ -234,7 +239,8 @@ def start(args: argparse.Namespace, setup: Setup, world: Comm) -> Run:
               memory_report(trainer.optimizer, trainer.grad_sync, trainer.params))
     if s.resumed is not None:
         arrays, meta = s.resumed
-        load_full_state(trainer.params, trainer.optimizer, *unpack_state(arrays))
+        trainer.load_full_state(*unpack_state(arrays))
+        trainer.load_checkpoint_meta(meta)
         trainer.step = meta["step"]
         changed = changed_settings(meta.get("train", {}), s.tc.to_dict())
         if changed:
@@ -251,6 +257,9 @@ def start(args: argparse.Namespace, setup: Setup, world: Comm) -> Run:
             f"({tc.batch_size * cfg.seq_len} tokens), {tc.microbatches} microbatch(es), "
             f"{tc.optimizer} lr {tc.lr}"
             + (f", resuming at step {trainer.step}" if s.resumed is not None else ""))
+    if trainer.precision.half:
+        run.say(f"precision: {tc.precision} compute on {cfg.dtype} master weights"
+                + (", dynamic loss scaling" if trainer.scaler is not None else ""))
     if tc.zero and s.dp > 1:
         run.say(format_memory_report(run.memory))
     return run
@@ -281,13 +290,12 @@ def finish(run: Run) -> None:
     """What the run leaves behind: a checkpoint (--save) and a sample (--sample)."""
     trainer, s, args = run.trainer, run.setup, run.args
     if args.save:
-        model_state, opt_state = full_state(trainer.params, trainer.optimizer, trainer.grid,
-                                            trainer.dtype)
+        model_state, opt_state = trainer.full_state()
         if run.world.rank == 0:
             save_checkpoint(args.save, pack_state(model_state, opt_state), {
                 "format": 1, "step": trainer.step, "model": s.cfg.to_dict(),
                 "train": s.tc.to_dict(), "tokenizer": s.data.tokenizer.to_json(),
-                "layout": {"dp": s.dp, "tp": s.tp, "pp": s.pp}})
+                "layout": {"dp": s.dp, "tp": s.tp, "pp": s.pp}, **trainer.checkpoint_meta()})
             run.say(f"saved checkpoint to {args.save} (step {trainer.step})")
     if args.sample:
         tokenizer = s.data.tokenizer
@@ -307,7 +315,7 @@ def report(run: Run) -> None:
         {f"{op}|{group}": v for (op, group), v in world.tracer.totals().items()})
     peaks = world.allgather_object(peak_memory_bytes())
     memory = world.allgather_object(
-        memory_record(run.memory, np.dtype(run.setup.cfg.dtype).itemsize))
+        memory_record(run.memory, run.trainer.precision.compute.itemsize))
     pipeline = gather_pipeline_report(run)
     if run.args.trace:
         write_trace(run)

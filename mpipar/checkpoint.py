@@ -337,7 +337,8 @@ def check_resume(arrays: Mapping[str, Any], meta: Mapping[str, Any], cfg: GPTCon
 
 # Settings that change the numbers a resumed run computes (layout-only options do not).
 RESUME_SENSITIVE = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
-                    "grad_clip", "seed", "optimizer", "momentum")
+                    "grad_clip", "seed", "optimizer", "momentum", "beta1", "beta2", "eps",
+                    "precision")
 
 
 def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> str:
