@@ -114,6 +114,9 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
         raise UsageError(f"--zero {args.zero} shards AdamW's state; it does not apply to "
                          f"--optimizer {args.optimizer}")
     resolve_precision(args.precision, args.dtype)  # ValueError (exit 2) if refused
+    if args.teacher and args.precision != "fp32":
+        raise UsageError(f"--teacher computes the distillation loss in fp32; it does not "
+                         f"apply to --precision {args.precision}")
     validate_layout(world_size, dp, tp, pp, batch_size=batch_size,
                     microbatches=args.microbatches, n_layer=shape["n_layer"],
                     n_head=shape["n_head"], d_model=shape["d_model"],

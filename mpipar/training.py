@@ -23,6 +23,7 @@ state of a run is :mod:`mpipar.parallel.full_state`; the command line is ``train
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -301,20 +302,15 @@ class Trainer:
         x, y = get_batch(self.data.train, tc.batch_size, self.cfg.seq_len, tc.seed, step)
         self.zero_grad()
         scale = self.loss_scale
-        local_loss = self.forward_backward(step, x, y)
-        self.finish_gradients()
-        skipped = self.unscale_gradients()
+        with self._overflow_expected():
+            local_loss = self.forward_backward(step, x, y)
+            self.finish_gradients()
+            skipped = self.unscale_gradients()
         # A skipped step has an infinite gradient somewhere: no norm (NaN), no update.
         norm = math.nan if skipped else math.sqrt(self.global_grad_norm_sq())
         lr = lr_at(step, max_lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
                    min_lr_ratio=tc.min_lr_ratio)
-        with self.tracer.context(phase="optimizer"):
-            if skipped:
-                self.optimizer.skip()
-            else:
-                if tc.grad_clip > 0:
-                    self.optimizer.clip(norm, tc.grad_clip)
-                self.optimizer.step(lr)
+        self.update(norm, lr, skipped)
         loss = self.reduce_loss(local_loss)
         dt = time.perf_counter() - t0
         self.step += 1
@@ -324,6 +320,22 @@ class Trainer:
         if self.scaler is not None:  # fp16: the scale this step's loss was multiplied by
             record.update(loss_scale=scale, skipped=skipped)
         return record
+
+    def update(self, norm: float, lr: float, skipped: bool) -> None:
+        """Clip and take the optimizer step, or skip it (an fp16 overflow on some rank)."""
+        with self.tracer.context(phase="optimizer"):
+            if skipped:
+                self.optimizer.skip()
+                return
+            if self.tc.grad_clip > 0:
+                self.optimizer.clip(norm, self.tc.grad_clip)
+            self.optimizer.step(lr)
+
+    def _overflow_expected(self) -> contextlib.AbstractContextManager:
+        """fp16: numpy stays quiet about an overflow to inf, which the loss scaler handles."""
+        if self.scaler is None:
+            return contextlib.nullcontext()
+        return np.errstate(over="ignore", invalid="ignore")
 
     def zero_grad(self) -> None:
         if self.grad_sync is not None:

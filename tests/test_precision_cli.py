@@ -1,6 +1,7 @@
 """``train.py --precision``, ``--beta1 --beta2 --eps`` and the weight-decay rule, from outside.
 
-* a 16-bit precision with float64 master weights is refused (exit 2, one line);
+* a 16-bit precision with float64 master weights, or with distillation, is refused (exit 2,
+  one line);
 * ``--help`` states the one weight-decay rule and the precisions;
 * an fp16 run logs ``loss_scale`` and ``skipped`` per step, reports 16 bytes per parameter,
   and saves float32 weights, the betas, ε and its loss scaler; resuming it in bf16 with
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import TINY_ARGS, check_ok
 from test_cli import assert_usage_error
 from test_train import read_metrics
@@ -17,12 +19,16 @@ from mpipar.checkpoint import load_checkpoint
 from mpipar.flags import build_parser
 
 
-def test_half_precision_with_float64_masters_is_refused(run_train, tmp_path):
+@pytest.mark.parametrize("flags,fragments", [
+    (["--precision", "bf16", "--dtype", "float64"],
+     ["--precision bf16", "--dtype float64", "exactness"]),
+    (["--precision", "fp16", "--teacher", "nowhere"], ["--teacher", "--precision fp16"]),
+])
+def test_refused_combinations(run_train, tmp_path, flags, fragments):
     out = tmp_path / "out"
     out.mkdir()
-    proc = run_train([*TINY_ARGS, "--precision", "bf16", "--dtype", "float64",
-                      "--metrics", out / "m.jsonl"], timeout=60)
-    assert_usage_error(proc, out, "--precision bf16", "--dtype float64", "exactness")
+    proc = run_train([*TINY_ARGS, *flags, "--metrics", out / "m.jsonl"], timeout=60)
+    assert_usage_error(proc, out, *fragments)
 
 
 def test_help_states_the_weight_decay_rule_and_the_precisions():
