@@ -22,9 +22,9 @@ CHECKS = [
     "fp16 overflow vote: one 4-byte all-reduce over the world per step",
     "bf16 dp2: bit for bit the 1-process run",
     *(f"{p} {layout}: within a 16-bit unit of the 1-process run"
-      for p, layout in [("bf16", "pp2"), ("bf16", "tp2"), ("bf16", "dp2 zero1"),
-                        ("fp16", "pp2"), ("fp16", "dp2"), ("fp16", "tp2"),
-                        ("fp16", "dp2 zero1")]),
+      for p in ("bf16", "fp16")
+      for layout in ("pp2", "tp2", "dp2 zero1", "dp2 zero2 ring", "tp2 sequence-parallel")),
+    "fp16 dp2: within a 16-bit unit of the 1-process run",
 ]
 
 

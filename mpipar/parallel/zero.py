@@ -239,7 +239,7 @@ class ZeroAdamW:
         # Mixed precision: the fp32 master of this shard, and its unscaled fp32 gradient.
         self.master = self.master_grad = None
         if masters is not None:
-            self.master = self._shard_of(masters)
+            self.master = xp.zeros(n, dtype=masters[0].dtype)
             self.master_grad = xp.zeros(n, dtype=self.master.dtype)
             self.load_masters(masters)
         state = dtype if self.master is None else self.master.dtype  # of m, v and updates
@@ -320,7 +320,8 @@ class ZeroAdamW:
         ``norm`` is the global norm; the formula is :func:`mpipar.optim.clip_grad_norm`'s.
         """
         if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-            self._grad()[...] *= float(max_norm) / (norm + 1e-6)
+            g = self._grad()
+            g *= float(max_norm) / (norm + 1e-6)
 
     # -- checkpoints -------------------------------------------------------------------------
     def _gather_flat(self, shard: Any) -> np.ndarray:

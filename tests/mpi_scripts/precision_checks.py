@@ -98,6 +98,8 @@ LAYOUTS = [  # name, (dp, tp, pp), parallel-only settings
     ("dp2", (2, 1, 1), {}),
     ("tp2", (1, 2, 1), {}),
     ("dp2 zero1", (2, 1, 1), {"zero": 1}),
+    ("dp2 zero2 ring", (2, 1, 1), {"zero": 2, "allreduce": "ring"}),
+    ("tp2 sequence-parallel", (1, 2, 1), {"sequence_parallel": True}),
 ]
 
 
