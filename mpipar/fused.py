@@ -34,7 +34,8 @@ fp32, as a fused GPU kernel does: products through :func:`~mpipar.precision.matm
 accumulation, one rounding), LayerNorm's statistics, GELU, the attention softmax and the
 cross-entropy on fp32 copies (:func:`~mpipar.precision.upcast`), rounded once on the way out
 (:func:`~mpipar.precision.narrow`). The loss stays fp32. For float32 and float64 inputs every
-one of those calls returns its argument unchanged, so the arithmetic is exactly the same.
+one of those calls returns its argument unchanged: no cast, and the formulas above computed
+in that dtype alone.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ name       compute dtype      range (largest, smallest)    gradients need loss s
                               digits)
 =========  =================  ===========================  ============================
 
-``fp32`` is the default and computes exactly as before (``--dtype float64`` is the exactness
-mode, and refuses a 16-bit precision: :func:`resolve_precision`).
+``fp32``, the default, computes in the master dtype itself, with no cast anywhere (``--dtype
+float64`` is the exactness mode, and refuses a 16-bit precision: :func:`resolve_precision`).
 
 Rounding points, the same in every layout. The model's parameters, every activation between
 two operations, every gradient and every message between ranks are 16-bit. *Inside* an
