@@ -73,13 +73,13 @@ from mpipar.metrics import (
 )
 from mpipar.model import PRESETS, GPTConfig, flops_per_token
 from mpipar.outputs import Output, output_problems
-from mpipar.parallel.full_state import full_state, load_full_state
 from mpipar.parallel.pipeline.measure import (
     format_pipeline_report,
     pipeline_report,
     step_extents,
 )
 from mpipar.parallel.zero import format_memory_report, memory_report
+from mpipar.precision import resolve_precision
 from mpipar.quantize import refuse_quantized
 from mpipar.report import METRICS_FILE, TRACE_FILE, prepare_run_dir, reproduce_command, write_report
 from mpipar.resume import (
@@ -140,6 +140,13 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
     shape = {k: getattr(args, k) or v for k, v in preset.items() if k != "batch_size"}
     problems = check_values(args) + check_output_paths(args)
     dp, tp, pp = check_layout(args, world_size, batch_size, shape, problems)
+    try:
+        resolve_precision(args.precision, args.dtype)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if args.teacher and args.precision != "fp32":
+        problems.append(f"--teacher computes the distillation loss in fp32; it does not "
+                        f"apply to --precision {args.precision}")
     text, source = read_text(args, problems)
     ckpt = read_resume(args, problems)
     if problems:
@@ -178,6 +185,9 @@ def check_values(args: argparse.Namespace) -> list[str]:
             ("--grad-clip", args.grad_clip, 0.0 <= args.grad_clip < math.inf,
              "finite and >= 0 (0 disables clipping)"),
             ("--momentum", args.momentum, 0.0 <= args.momentum < 1.0, "in [0, 1)"),
+            ("--beta1", args.beta1, 0.0 <= args.beta1 < 1.0, "in [0, 1)"),
+            ("--beta2", args.beta2, 0.0 <= args.beta2 < 1.0, "in [0, 1)"),
+            ("--eps", args.eps, math.isfinite(args.eps), "finite"),
         ) if not ok
     ]
     if args.save_every and not args.save:
@@ -268,7 +278,8 @@ def train_config(args: argparse.Namespace, batch_size: int) -> TrainConfig:
         steps=args.steps, batch_size=batch_size, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, seed=args.seed, optimizer=args.optimizer,
-        momentum=args.momentum, eval_every=args.eval_every,
+        momentum=args.momentum, beta1=args.beta1, beta2=args.beta2, eps=args.eps,
+        precision=args.precision, eval_every=args.eval_every,
         eval_tokens=args.eval_tokens or EVAL_TOKENS[args.preset],
         log_every=args.log_every, microbatches=args.microbatches, schedule=args.schedule,
         virtual_stages=args.virtual_stages, zero=args.zero, bucket_mb=args.bucket_mb,
@@ -339,7 +350,8 @@ def start(args: argparse.Namespace, setup: Setup, world: Comm, watchdog: Watchdo
     run = Run(args, s, world, watchdog, trainer, MetricsWriter(args.metrics, world.rank == 0),
               memory_report(trainer.optimizer, trainer.grad_sync, trainer.params))
     if s.resumed is not None:
-        load_full_state(trainer.params, trainer.optimizer, *unpack_state(s.resumed.arrays))
+        trainer.load_full_state(*unpack_state(s.resumed.arrays))
+        trainer.load_checkpoint_meta(s.resumed.checkpoint.meta)
         trainer.step = s.resumed.checkpoint.meta["step"]
         for note in s.resumed.notes:
             run.say(note)
@@ -357,6 +369,9 @@ def start(args: argparse.Namespace, setup: Setup, world: Comm, watchdog: Watchdo
             f"({tc.batch_size * cfg.seq_len} tokens), {tc.microbatches} microbatch(es), "
             f"{tc.optimizer} lr {tc.lr}"
             + (f", resuming at step {trainer.step}" if s.resumed is not None else ""))
+    if trainer.precision.half:
+        run.say(f"precision: {tc.precision} compute on {cfg.dtype} master weights"
+                + (", dynamic loss scaling" if trainer.scaler is not None else ""))
     if tc.zero and s.dp > 1:
         run.say(format_memory_report(run.memory))
     return run
@@ -394,14 +409,13 @@ def save(run: Run) -> None:
     """Write the --save checkpoint (every rank helps gather it; rank 0 writes it)."""
     trainer, s = run.trainer, run.setup
     run.watchdog.beat("saving")
-    model_state, opt_state = full_state(trainer.params, trainer.optimizer, trainer.grid,
-                                        trainer.dtype)
+    model_state, opt_state = trainer.full_state()
     if run.world.rank == 0:
         save_checkpoint(run.args.save, pack_state(model_state, opt_state), {
             "format": CHECKPOINT_FORMAT, "step": trainer.step, "model": s.cfg.to_dict(),
             "train": s.tc.to_dict(), "tokenizer": s.data.tokenizer.to_json(),
             "layout": {"dp": s.dp, "tp": s.tp, "pp": s.pp},
-            "data": {"source": s.source, "sha256": s.text_sha256}})
+            "data": {"source": s.source, "sha256": s.text_sha256}, **trainer.checkpoint_meta()})
         run.say(f"saved checkpoint to {run.args.save} (step {trainer.step})")
     run.watchdog.beat()
 
@@ -431,7 +445,7 @@ def report(run: Run) -> None:
         {f"{op}|{group}": v for (op, group), v in world.tracer.totals().items()})
     peaks = world.allgather_object(peak_memory_bytes())
     memory = world.allgather_object(
-        memory_record(run.memory, np.dtype(run.setup.cfg.dtype).itemsize))
+        memory_record(run.memory, run.trainer.precision.compute.itemsize))
     pipeline = gather_pipeline_report(run)
     if run.args.trace:
         write_trace(run)

@@ -34,6 +34,11 @@ received data is copied back to the device. An MPI built with CUDA support can r
 memory directly; set the environment variable ``MPIPAR_CUDA_AWARE_MPI=1`` to skip the host
 copies (the device is then synchronised before each call, since MPI does not see CUDA streams).
 
+bfloat16. MPI has no bfloat16 type here, and numpy exports no buffer format for the
+``ml_dtypes`` dtype, so a bfloat16 array is handed to MPI as its raw 2-byte elements (a
+contiguous type of 2 bytes) with reductions of our own, computed in fp32 and rounded once per
+pair of operands, as numpy's bfloat16 addition does (`_bf16_op`). float16 is MPI's own.
+
 This is the only module that imports mpi4py.
 """
 
@@ -53,6 +58,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpipar.backend import array_module, to_numpy
+from mpipar.precision import BFLOAT16, FLOAT32
 from mpipar.trace import Tracer
 
 CUDA_AWARE_ENV = "MPIPAR_CUDA_AWARE_MPI"
@@ -62,11 +68,31 @@ _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 _UNTRACED = contextlib.nullcontext()  # what ``Comm._traced`` returns with tracing off
 
 
-def _mpi_op(op: str) -> MPI.Op:
+def _mpi_op(op: str, dtype: Any = None) -> MPI.Op:
     try:
-        return _OPS[op]
+        mpi_op = _OPS[op]
     except KeyError:
         raise ValueError(f"unknown reduction {op!r}; expected one of {sorted(_OPS)}") from None
+    return _bf16_op(op) if dtype == BFLOAT16 else mpi_op
+
+
+_BF16_TYPE = MPI.BYTE.Create_contiguous(2).Commit()  # one bfloat16, as MPI sees it
+_BF16_OPS: dict[str, MPI.Op] = {}
+_BF16_FUNCS = {"sum": np.add, "max": np.maximum, "min": np.minimum}
+
+
+def _bf16_op(op: str) -> MPI.Op:
+    """The reduction ``op`` over bfloat16 elements: inout ← round(fp32(in) op fp32(inout))."""
+    if op not in _BF16_OPS:
+        func = _BF16_FUNCS[op]
+
+        def reduce(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
+            a = np.frombuffer(inbuf, dtype=BFLOAT16)
+            b = np.frombuffer(inoutbuf, dtype=BFLOAT16)
+            b[...] = func(a.astype(FLOAT32), b.astype(FLOAT32))
+
+        _BF16_OPS[op] = MPI.Op.Create(reduce, commute=True)
+    return _BF16_OPS[op]
 
 
 def cuda_aware_mpi() -> bool:
@@ -87,15 +113,25 @@ def _staged(buf: Any, *, copy_in: bool) -> Any:
             f"{buf.strides}; pass ascontiguousarray(x)"
         )
     if isinstance(buf, np.ndarray):
-        return buf
+        return _message(buf)
     if cuda_aware_mpi():
         array_module(buf).cuda.get_current_stream().synchronize()
         return buf
-    return to_numpy(buf) if copy_in else np.empty(buf.shape, dtype=buf.dtype)
+    return _message(to_numpy(buf) if copy_in else np.empty(buf.shape, dtype=buf.dtype))
+
+
+def _message(a: np.ndarray) -> Any:
+    """What mpi4py is handed for host array ``a``: ``a`` itself, or for bfloat16 its raw
+    2-byte elements with the matching MPI type (see the module docstring)."""
+    return [a.view(np.uint16), _BF16_TYPE] if a.dtype == BFLOAT16 else a
 
 
 def _unstage(buf: Any, staged: Any) -> None:
     """Copy received data back into ``buf`` when MPI wrote into a host copy of it."""
+    if isinstance(staged, list):  # bfloat16 (`_message`): MPI wrote into staged[0]'s memory
+        if isinstance(buf, np.ndarray):
+            return  # which is buf's own
+        staged = staged[0].view(BFLOAT16)
     if staged is not buf:
         buf[...] = array_module(buf).asarray(staged)
 
@@ -315,7 +351,7 @@ class Comm:
 
         Returns the array holding the result. Every rank must pass the same shape and dtype.
         """
-        mpi_op = _mpi_op(op)
+        mpi_op = _mpi_op(op, buf.dtype)
         if out is None:
             with self._traced("allreduce", buf):
                 staged = _staged(buf, copy_in=True)
@@ -343,7 +379,7 @@ class Comm:
                 f"× recv {recv.size} = {self.size * recv.size}"
             )
         _check_same(send, recv, "reduce_scatter")
-        mpi_op = _mpi_op(op)
+        mpi_op = _mpi_op(op, send.dtype)
         with self._traced("reduce_scatter", send):
             s, r = _staged(send, copy_in=True), _staged(recv, copy_in=False)
             self.mpi.Reduce_scatter_block(s, r, op=mpi_op)
@@ -431,7 +467,7 @@ class Comm:
 
     def iallreduce(self, buf: Any, op: str = "sum") -> Request:
         """Start an in-place all-reduce of ``buf``; the result is there after ``wait``."""
-        mpi_op = _mpi_op(op)
+        mpi_op = _mpi_op(op, buf.dtype)
         start = self._launch_time()
         staged = _staged(buf, copy_in=True)
         req = self.mpi.Iallreduce(MPI.IN_PLACE, staged, op=mpi_op)

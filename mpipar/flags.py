@@ -14,6 +14,7 @@ import argparse
 
 from mpipar.grid import SCHEDULES, ZERO_STAGES
 from mpipar.model import PRESETS
+from mpipar.precision import PRECISIONS
 from mpipar.training import EVAL_TOKENS
 from mpipar.watchdog import FACTOR, FLOOR_S, STARTUP_LIMIT_S, TIMED_STEPS
 
@@ -131,16 +132,27 @@ def add_training_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--warmup-steps", type=non_negative_int, default=20,
                    help="steps of linear warmup up to --lr")
     g.add_argument("--weight-decay", type=float, default=0.1,
-                   help="decoupled weight decay (AdamW: of matrices and embeddings only)")
+                   help="decoupled weight decay, the same rule for AdamW and SGD: weight "
+                        "matrices and embeddings decay, biases and LayerNorm gains do not")
     g.add_argument("--grad-clip", type=float, default=1.0, help="global norm; 0 disables")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
                    help="update rule")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--beta1", type=float, default=0.9,
+                   help="AdamW's decay of the first moment (the mean gradient)")
+    g.add_argument("--beta2", type=float, default=0.95,
+                   help="AdamW's decay of the second moment (the mean squared gradient)")
+    g.add_argument("--eps", type=positive_float, default=1e-8,
+                   help="AdamW's ε, added to √v̂ in the update's denominator")
     g.add_argument("--seed", type=non_negative_int, default=1337,
                    help="seed of the initial weights, the batches and the dropout masks")
     g.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="parameter and activation type; float64 makes layouts comparable "
                         "to ~1e-10")
+    g.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="compute precision: fp16 or bf16 run the model in 16 bits on "
+                        "float32 master weights (fp16 with dynamic loss scaling); needs "
+                        "--dtype float32")
     g.add_argument("--eval-every", type=non_negative_int, default=100,
                    help="validate every K steps and at the end; 0: only at the end")
     g.add_argument("--eval-tokens", type=positive_int,

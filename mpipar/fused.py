@@ -27,6 +27,15 @@ such cache effect to gain, so there every array is one block.
 
 The conventions are those of :mod:`mpipar.ops`: ``backward`` never modifies the incoming
 gradient in place nor returns an array it saved in ``forward``, and arrays keep their dtype.
+
+16-bit inputs (mixed precision, :mod:`mpipar.precision`). Each operation takes and returns
+arrays of the compute dtype and saves 16-bit arrays for backward, but computes inside in
+fp32, as a fused GPU kernel does: products through :func:`~mpipar.precision.matmul` (fp32
+accumulation, one rounding), LayerNorm's statistics, GELU, the attention softmax and the
+cross-entropy on fp32 copies (:func:`~mpipar.precision.upcast`), rounded once on the way out
+(:func:`~mpipar.precision.narrow`). The loss stays fp32. For float32 and float64 inputs every
+one of those calls returns its argument unchanged: no cast, and the formulas above computed
+in that dtype alone.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import math
 
 from mpipar.autograd import Function
 from mpipar.backend import array_module
+from mpipar.precision import accumulate_dtype, matmul, narrow, sum_rows, upcast
 
 GELU_C = math.sqrt(2.0 / math.pi)
 GELU_K = 0.044715
@@ -81,7 +91,7 @@ class Linear(Function):
     @staticmethod
     def forward(ctx, x, w, b=None):
         x2 = x.reshape(-1, x.shape[-1])
-        y = x2 @ w.T
+        y = matmul(x2, w.T)
         if b is not None:
             y += b
         ctx.save_for_backward(x, w)
@@ -93,11 +103,11 @@ class Linear(Function):
         x, w = ctx.saved
         g2 = g.reshape(-1, g.shape[-1])
         need = ctx.needs_input_grad
-        gx = (g2 @ w).reshape(x.shape) if need[0] else None
-        gw = g2.T @ x.reshape(-1, x.shape[-1]) if need[1] else None
+        gx = matmul(g2, w).reshape(x.shape) if need[0] else None
+        gw = matmul(g2.T, x.reshape(-1, x.shape[-1])) if need[1] else None
         if not ctx.has_bias:
             return gx, gw
-        gb = g2.sum(axis=0) if need[2] else None
+        gb = sum_rows(g2, axis=0) if need[2] else None
         return gx, gw, gb
 
 
@@ -106,12 +116,14 @@ class LayerNorm(Function):
 
     With N features, dx = (1/σ̂)(ĝ − mean(ĝ) − x̂ ⊙ mean(ĝ ⊙ x̂)), ĝ = g ⊙ γ;
     dγ = Σ_rows g ⊙ x̂;  dβ = Σ_rows g.
+    The statistics, and the whole backward, are computed in fp32 for a 16-bit x.
     """
 
     @staticmethod
     def forward(ctx, x, gamma, beta, eps=1e-5):
         xp = array_module(x)
-        xhat = x - x.mean(axis=-1, keepdims=True)
+        xc = upcast(x)
+        xhat = xc - xc.mean(axis=-1, keepdims=True)
         var = (xhat * xhat).mean(axis=-1, keepdims=True)
         var += eps
         rstd = xp.sqrt(var, out=var)
@@ -119,27 +131,29 @@ class LayerNorm(Function):
         xhat *= rstd
         y = xhat * gamma
         y += beta
-        ctx.save_for_backward(xhat, rstd, gamma)
-        return y
+        ctx.save_for_backward(narrow(xhat, x.dtype), rstd, gamma)
+        return narrow(y, x.dtype)
 
     @staticmethod
     def backward(ctx, g):
         xhat, rstd, gamma = ctx.saved
+        xhat, gc = upcast(xhat), upcast(g)
         need = ctx.needs_input_grad
         gx = gg = gb = None
         lead = tuple(range(g.ndim - 1))
         if need[1]:
-            gg = (g * xhat).sum(axis=lead)
+            gg = narrow((gc * xhat).sum(axis=lead), gamma.dtype)
         if need[2]:
-            gb = g.sum(axis=lead)
+            gb = narrow(gc.sum(axis=lead), gamma.dtype)
         if need[0]:
-            ghat = g * gamma
+            ghat = gc * gamma
             mean_g = ghat.mean(axis=-1, keepdims=True)
             mean_gx = (ghat * xhat).mean(axis=-1, keepdims=True)
             gx = ghat
             gx -= mean_g
             gx -= xhat * mean_gx
             gx *= rstd
+            gx = narrow(gx, g.dtype)
         return gx, gg, gb
 
 
@@ -150,13 +164,15 @@ class Gelu(Function):
     """GELU, tanh form: y = ½x(1 + tanh u), u = c(x + kx³), c = √(2/π), k = 0.044715.
 
     dy/dx = ½(1 + t) + ½x(1 − t²)·c(1 + 3kx²), with t = tanh u.
+    Computed in fp32 for a 16-bit x; x and t are kept in x's dtype.
     """
 
     @staticmethod
     def forward(ctx, x):
         xp = array_module(x)
-        t, y = xp.empty_like(x), xp.empty_like(x)
-        x2, t2, y2 = (a.reshape(-1, x.shape[-1]) for a in (x, t, y))
+        xc = upcast(x)
+        t, y = xp.empty_like(xc), xp.empty_like(xc)
+        x2, t2, y2 = (a.reshape(-1, x.shape[-1]) for a in (xc, t, y))
         for rows in _row_blocks(x2):
             xb, tb, yb = x2[rows], t2[rows], y2[rows]
             xp.multiply(xb, xb, out=tb)  # u = x(c + ck·x²), then t = tanh u, in one buffer
@@ -167,15 +183,16 @@ class Gelu(Function):
             xp.add(tb, 1.0, out=yb)
             yb *= xb
             yb *= 0.5
-        ctx.save_for_backward(x, t)
-        return y
+        ctx.save_for_backward(x, narrow(t, x.dtype))
+        return narrow(y, x.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        x, t = ctx.saved
+        x, t = (upcast(a) for a in ctx.saved)
+        gc = upcast(g)
         xp = array_module(g)
-        d = xp.empty_like(g)
-        x2, t2, g2, d2 = (a.reshape(-1, x.shape[-1]) for a in (x, t, g, d))
+        d = xp.empty_like(gc)
+        x2, t2, g2, d2 = (a.reshape(-1, x.shape[-1]) for a in (x, t, gc, d))
         blocks = _row_blocks(x2)
         scratch = xp.empty_like(x2[blocks[0]])  # the first block is the largest
         for rows in blocks:
@@ -192,7 +209,7 @@ class Gelu(Function):
             db += 1.0
             db *= 0.5
             db *= gb
-        return (d,)
+        return (narrow(d, g.dtype),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,14 +219,15 @@ class CrossEntropy(Function):
     """L = −(1/N) Σ_n log softmax(zₙ)[tₙ], computed stably (log-sum-exp with the max out).
 
     dL/dzₙ = (softmax(zₙ) − onehot(tₙ)) / N. ``logits`` is (..., V) and ``targets`` (...)
-    integer; N is the number of positions.
+    integer; N is the number of positions. 16-bit logits are taken to fp32 first: the
+    softmax, the loss (returned as fp32) and the saved probabilities are fp32.
     """
 
     @staticmethod
     def forward(ctx, logits, targets):
         xp = array_module(logits)
         v = logits.shape[-1]
-        z = logits.reshape(-1, v)
+        z = upcast(logits).reshape(-1, v)
         t = targets.reshape(-1)
         n = z.shape[0]
         rows = xp.arange(n)
@@ -221,15 +239,15 @@ class CrossEntropy(Function):
         loss = (xp.log(s[:, 0]) - target_z).sum() / n
         p /= s  # softmax, kept for backward
         ctx.save_for_backward(p, t, rows)
-        ctx.shape = logits.shape
-        return xp.asarray(loss, dtype=logits.dtype)
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return xp.asarray(loss, dtype=accumulate_dtype(logits.dtype))
 
     @staticmethod
     def backward(ctx, g):
         p, t, rows = ctx.saved
         d = p * (g / p.shape[0])
         d[rows, t] -= g / p.shape[0]
-        return (d.reshape(ctx.shape),)
+        return (narrow(d.reshape(ctx.shape), ctx.dtype),)
 
 
 def causal_mask_bias(t: int, xp, dtype):
@@ -246,6 +264,8 @@ class CausalAttention(Function):
     S = Q Kᵀ/√D + mask,  P = softmax(S),  Y = (P ⊙ drop) V,  output (B, T, C) heads side by side.
     Backward:  dV = P̃ᵀ dY,  dP̃ = dY Vᵀ,  dP = dP̃ ⊙ drop,  dS = P ⊙ (dP − Σ_j dP ⊙ P),
     dQ = dS K/√D,  dK = dSᵀ Q/√D  (P̃ = P ⊙ drop; drop is the scaled dropout mask or 1).
+    For 16-bit qkv the scores and the softmax are fp32; P is kept rounded to 16 bits, and
+    P̃ V is a 16-bit product (fp32 accumulation).
     """
 
     @staticmethod
@@ -255,25 +275,29 @@ class CausalAttention(Function):
         c = c3 // 3
         d = c // n_head
         heads = qkv.reshape(b, t, 3, n_head, d).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
-        q, k, v = heads[0], heads[1], heads[2]
+        q, k, v = heads[0], heads[1], heads[2]  # kept for backward, in qkv's dtype
+        qc, kc, vc = upcast(q), upcast(k), upcast(v)  # what the products read
+        acc = accumulate_dtype(qkv.dtype)
         scale = 1.0 / math.sqrt(d)
-        bias = causal_mask_bias(t, xp, qkv.dtype)
+        bias = causal_mask_bias(t, xp, acc)
         p = xp.empty((b, n_head, t, t), dtype=qkv.dtype)  # (B, H, T, T), kept for backward
         pd = p if drop_mask is None else xp.empty_like(p)
         y = xp.empty((b, t, n_head, d), dtype=qkv.dtype)  # heads side by side, as returned
         # A few sequences at a time, so each (H, T, T) block of scores stays in cache through
         # the whole softmax instead of streaming the full (B, H, T, T) array seven times.
         for rows in _batch_blocks(p):
-            sb = p[rows]
-            xp.matmul(q[rows], k[rows].swapaxes(-1, -2), out=sb)
+            sb = p[rows] if p.dtype == acc else xp.empty(p[rows].shape, dtype=acc)
+            xp.matmul(qc[rows], kc[rows].swapaxes(-1, -2), out=sb)
             sb *= scale
             sb += bias
             sb -= sb.max(axis=-1, keepdims=True)
             xp.exp(sb, out=sb)
             sb /= sb.sum(axis=-1, keepdims=True)
+            if p.dtype != acc:
+                p[rows] = sb  # the probabilities, rounded to 16 bits
             if drop_mask is not None:
                 xp.multiply(sb, drop_mask[rows], out=pd[rows])
-            y[rows] = (pd[rows] @ v[rows]).transpose(0, 2, 1, 3)
+            y[rows] = (pd[rows] @ vc[rows]).transpose(0, 2, 1, 3)
         ctx.save_for_backward(q, k, v, p, pd, drop_mask)
         ctx.scale = scale
         return y.reshape(b, t, c)
@@ -281,12 +305,13 @@ class CausalAttention(Function):
     @staticmethod
     def backward(ctx, g):
         q, k, v, p, pd, drop_mask = ctx.saved
+        q, k, v = upcast(q), upcast(k), upcast(v)
         xp = array_module(g)
         b, h, t, d = q.shape
-        gy = g.reshape(b, t, h, d).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        gy = upcast(g).reshape(b, t, h, d).transpose(0, 2, 1, 3)  # (B, H, T, D)
         out = xp.empty((b, t, 3, h, d), dtype=g.dtype)
         for rows in _batch_blocks(p):
-            gyb, pb = gy[rows], p[rows]
+            gyb, pb = gy[rows], upcast(p[rows])
             out[rows, :, 2] = (pd[rows].swapaxes(-1, -2) @ gyb).transpose(0, 2, 1, 3)  # dV
             dp = gyb @ v[rows].swapaxes(-1, -2)  # (b', H, T, T)
             if drop_mask is not None:

@@ -262,8 +262,9 @@ class GPT(Module):
     def __init__(self, cfg: GPTConfig, layers: SerialLayers | None = None, *,
                  first_layer: int = 0, last_layer: int | None = None,
                  pre: bool = True, post: bool = True) -> None:
-        dtype = np.dtype(cfg.dtype)
-        layers = layers if layers is not None else SerialLayers(dtype)
+        layers = layers if layers is not None else SerialLayers(np.dtype(cfg.dtype))
+        # The layers' dtype is the compute dtype: cfg.dtype, or 16 bits under mixed precision.
+        dtype = layers.dtype
         last_layer = cfg.n_layer if last_layer is None else last_layer
         self.cfg = cfg
         self.layers = layers

@@ -64,6 +64,18 @@ class Parameter(Tensor):
         self.before_sequence_split = False
 
 
+def master_copy(p: Parameter, dtype: Any) -> Parameter:
+    """A zeroed parameter like ``p`` in ``dtype``: the same name, init, place in the full
+    parameter and flags, so it can stand for ``p`` wherever a parameter is named, sharded or
+    counted. Mixed precision keeps the fp32 master weights of 16-bit parameters in these."""
+    m = Parameter(p.shape, p.init, dtype, full_shape=p.full_shape, shard_index=p.shard_index)
+    m.name = p.name
+    for flag in ("local_index", "replicated_in_tp", "tied", "tied_embedding",
+                 "before_sequence_split"):
+        setattr(m, flag, getattr(p, flag))
+    return m
+
+
 def unique_parameters(params: Iterable[Parameter]) -> list[Parameter]:
     """The parameters in order, each object once (a tied weight may be listed twice)."""
     seen: set[int] = set()
@@ -89,6 +101,14 @@ def initial_value(seed: int, name: str, init: Init, shape: tuple[int, ...]) -> n
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         return rng.standard_normal(shape) * init.std
     raise ValueError(f"unknown initialisation {init.kind!r} for parameter {name!r}")
+
+
+def initialize_parameter(p: Parameter, seed: int, name: str) -> None:
+    """Set ``p`` to its part of the seed-determined value of the parameter called ``name``,
+    rounded once from float64 to ``p``'s dtype."""
+    full = initial_value(seed, name, p.init, p.full_shape)
+    part = full if p.shard_index is None else full[p.shard_index]
+    p.data[p.local_index] = get_xp().asarray(part.astype(p.data.dtype))
 
 
 class Module:
@@ -125,9 +145,7 @@ class Module:
     def initialize(self, seed: int) -> None:
         """Set every parameter to its seed-determined value (its shard of it, if sharded)."""
         for name, p in self.named_parameters():
-            full = initial_value(seed, name, p.init, p.full_shape)
-            part = full if p.shard_index is None else full[p.shard_index]
-            p.data[p.local_index] = get_xp().asarray(part.astype(p.data.dtype))
+            initialize_parameter(p, seed, name)
 
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())

@@ -14,7 +14,9 @@ end of this file covers both, so model code calls ``ops.linear`` as it calls ``o
 
 Conventions: ``backward`` may return the incoming gradient itself, but never modifies it in
 place and never returns an array it saved in ``forward``. Arrays keep the dtype they came in
-with (float32 or float64): scalars are Python floats so they never promote.
+with (float32 or float64, or a 16-bit type under mixed precision): scalars are Python floats
+so they never promote. Sums that reduce a gradient (over broadcast axes, into embedding rows)
+accumulate in fp32 for 16-bit gradients (:mod:`mpipar.precision`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 from mpipar import fused
 from mpipar.autograd import Function, Tensor
 from mpipar.backend import array_module
+from mpipar.precision import accumulate_dtype, narrow, sum_rows, upcast
 
 
 def _as_tensor(x: Any, like: Tensor | None) -> Tensor:
@@ -51,10 +54,10 @@ def unbroadcast(grad: Any, shape: tuple[int, ...]) -> Any:
         return grad
     extra = grad.ndim - len(shape)
     if extra:
-        grad = grad.sum(axis=tuple(range(extra)))
+        grad = sum_rows(grad, axis=tuple(range(extra)))
     stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
     if stretched:
-        grad = grad.sum(axis=stretched, keepdims=True)
+        grad = sum_rows(grad, axis=stretched, keepdims=True)
     return grad
 
 
@@ -407,9 +410,9 @@ class Embedding(Function):
     @staticmethod
     def backward(ctx, g):
         xp = array_module(g)
-        gw = xp.zeros(ctx.shape, dtype=g.dtype)
-        xp.add.at(gw, ctx.idx.reshape(-1), g.reshape(-1, ctx.shape[1]))
-        return (gw,)
+        gw = xp.zeros(ctx.shape, dtype=accumulate_dtype(g.dtype))
+        xp.add.at(gw, ctx.idx.reshape(-1), upcast(g).reshape(-1, ctx.shape[1]))
+        return (narrow(gw, g.dtype),)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,9 @@ so the sharded optimizer of ZeRO can apply the very same arithmetic to the flat 
 parameters, gradients and moments that a rank owns. The classes here only keep the state and
 loop over parameters.
 
+Both optimizers follow one weight-decay rule (:func:`decay_mask`): weight matrices and
+embeddings decay, biases and LayerNorm gains do not.
+
 Every optimizer answers the two questions of global-norm clipping about the gradients it
 updates: ``grad_norm_sq(owned)`` (this rank's Σ g², before any reduction over ranks) and
 ``clip(norm, max_norm)``. Optimizer state is keyed ``"<optimizer>.<slot>.<parameter name>"``
@@ -161,7 +164,8 @@ def state_key_param_name(key: str) -> str | None:
 
 
 def decay_mask(param) -> bool:
-    """Whether AdamW decays ``param``: matrices and embeddings (ndim ≥ 2) yes, vectors no.
+    """Whether weight decay applies to ``param``: matrices and embeddings (ndim ≥ 2) yes,
+    vectors (biases, LayerNorm gains and biases) no. SGD and AdamW both follow it.
 
     This is the GPT-2 / nanoGPT convention. Decaying the weight matrices limits how sharply the
     network can respond to its inputs, which regularises; biases and LayerNorm gains are few,
@@ -238,7 +242,8 @@ class Optimizer:
 class SGD(Optimizer):
     """Stochastic gradient descent with optional momentum and decoupled weight decay.
 
-    See :func:`sgd_update` for the rule. Weight decay, when set, applies to every parameter.
+    See :func:`sgd_update` for the rule. Weight decay, when set, applies to the parameters of
+    :func:`decay_mask` (matrices and embeddings), as in :class:`AdamW`.
     State (only with momentum): one velocity per parameter, ``"sgd.momentum.<name>"``.
     """
 
@@ -267,7 +272,7 @@ class SGD(Optimizer):
                 lr,
                 momentum=self.momentum,
                 buf=self.bufs.get(p.name),
-                weight_decay=self.weight_decay,
+                weight_decay=self.weight_decay if decay_mask(p) else 0.0,
             )
 
     def _live_state(self) -> dict[str, object]:

@@ -39,7 +39,8 @@ CHECKPOINT_FORMAT = 2  # meta.json of train.py: + data, + checksums (format 1 ha
 
 # Settings that change the numbers a resumed run computes (layout-only options do not).
 RESUME_SENSITIVE = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
-                    "grad_clip", "seed", "optimizer", "momentum")
+                    "grad_clip", "seed", "optimizer", "momentum", "beta1", "beta2", "eps",
+                    "precision")
 
 
 def model_specs(cfg: GPTConfig) -> dict[str, ArraySpec]:

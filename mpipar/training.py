@@ -10,6 +10,12 @@ A step in every layout (docs/design.md §5):
    averaged over the shards is the mean over the whole global batch);
 4. clip by the global gradient norm, take the optimizer step with this step's learning rate.
 
+Under mixed precision (``--precision fp16|bf16``, :mod:`mpipar.precision`) the model computes
+in 16 bits and the optimizer updates fp32 master weights (:mod:`mpipar.master_weights`):
+between steps 3 and 4 the gradients are unscaled into fp32 and, with fp16's loss scaling, the
+ranks agree in one small all-reduce whether any of them overflowed; if one did, every rank
+skips step 4 and the loss scale is halved.
+
 The reported loss is the mean over the whole global batch, so it is the same number in every
 layout (and, in float64, the same as the 1-process run to ~1e-10). Saving and loading the
 state of a run is :mod:`mpipar.parallel.full_state`; the command line is ``train.py``.
@@ -17,6 +23,7 @@ state of a run is :mod:`mpipar.parallel.full_state`; the command line is ``train
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -30,10 +37,12 @@ from mpipar.autograd import no_grad
 from mpipar.backend import get_xp, to_numpy
 from mpipar.data import Dataset, eval_batches, get_batch, shard_rows, split_microbatches
 from mpipar.grid import ProcessGrid
+from mpipar.master_weights import MasterWeights, make_masters
 from mpipar.model import GPT, GPTConfig, SerialLayers
-from mpipar.nn import DropoutKey, unique_parameters
+from mpipar.nn import DropoutKey, Parameter, master_copy, unique_parameters
 from mpipar.optim import SGD, AdamW, lr_at
-from mpipar.parallel.full_state import owns
+from mpipar.parallel.full_state import full_state, load_full_state, owns
+from mpipar.precision import LossScaler, overflow_anywhere, resolve_precision
 from mpipar.sample import sample_tokens
 from mpipar.trace import Tracer
 
@@ -59,6 +68,10 @@ class TrainConfig:
     seed: int = 1337
     optimizer: str = "adamw"
     momentum: float = 0.9
+    beta1: float = 0.9  # AdamW's moment decays and ε
+    beta2: float = 0.95
+    eps: float = 1e-8
+    precision: str = "fp32"  # compute precision: fp32, fp16 or bf16 (mpipar.precision)
     eval_every: int = 50
     eval_tokens: int = 1_024
     log_every: int = 10
@@ -85,7 +98,9 @@ class Trainer:
     def __init__(self, cfg: GPTConfig, tc: TrainConfig, grid: ProcessGrid, data: Dataset,
                  tracer: Tracer) -> None:
         self.cfg, self.tc, self.grid, self.data, self.tracer = cfg, tc, grid, data, tracer
-        self.dtype = np.dtype(cfg.dtype)
+        self.dtype = np.dtype(cfg.dtype)  # of the weights the optimizer updates (the masters)
+        self.precision = resolve_precision(tc.precision, cfg.dtype)
+        self.scaler = LossScaler() if self.precision.loss_scaling else None
         self.layers = self._make_layers()
         self.chunks: list[GPT] = self._make_chunks()
         self.params = unique_parameters(p for c in self.chunks for p in c.parameters())
@@ -98,11 +113,12 @@ class Trainer:
 
     # -- construction (each parallelism plugs in here) --------------------------------------
     def _make_layers(self) -> SerialLayers:
+        """The layers, in the compute dtype (that of the masters unless 16-bit)."""
         if self.grid.tp == 1:
-            return SerialLayers(self.dtype)
+            return SerialLayers(self.precision.compute)
         from mpipar.parallel.tensor_parallel import TensorParallelLayers
 
-        return TensorParallelLayers(self.grid.tp_comm, self.dtype,
+        return TensorParallelLayers(self.grid.tp_comm, self.precision.compute,
                                     sequence_parallel=self.tc.sequence_parallel)
 
     def _make_chunks(self) -> list[GPT]:
@@ -125,14 +141,26 @@ class Trainer:
                               allreduce=self.tc.allreduce, zero=self.tc.zero)
 
     def _make_optimizer(self):
+        """SGD or AdamW; sharded (ZeRO); over fp32 masters of 16-bit parameters."""
         tc = self.tc
+        masters = (make_masters(self.params, tc.seed, self.dtype) if self.precision.half
+                   else None)
         if tc.zero and self.grid.dp > 1:
             from mpipar.parallel.zero import ZeroAdamW
 
-            return ZeroAdamW(self.params, self.grad_sync, lr=tc.lr, weight_decay=tc.weight_decay)
+            return ZeroAdamW(self.params, self.grad_sync, lr=tc.lr, weight_decay=tc.weight_decay,
+                             betas=(tc.beta1, tc.beta2), eps=tc.eps, masters=masters)
+        if masters is None:
+            return self._update_rule(self.params)
+        return MasterWeights(self.params, masters, self._update_rule(masters))
+
+    def _update_rule(self, params: list[Parameter]):
+        """SGD or AdamW over ``params`` (the model's, or their fp32 masters)."""
+        tc = self.tc
         if tc.optimizer == "sgd":
-            return SGD(self.params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-        return AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+            return SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        return AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+                     weight_decay=tc.weight_decay)
 
     def _make_pipeline(self):
         if self.grid.pp == 1:
@@ -205,7 +233,8 @@ class Trainer:
         xs, ys = self.microbatches(x, y)
         keys = self.dropout_keys(step)
         if self.pipeline is not None:
-            return self.pipeline.train_step(xs, ys, keys, self.grad_sync)
+            return self.pipeline.train_step(xs, ys, keys, self.grad_sync,
+                                            loss_scale=self.loss_scale)
         model, m, total = self.chunks[0], len(xs), 0.0
         for k in range(m):
             if self.grad_sync is not None:
@@ -219,9 +248,29 @@ class Trainer:
                     loss = self.distill.loss(model, xs[k], ys[k], keys[k])
             with self.tracer.context(phase="backward", microbatch=k), \
                     self.tracer.span("backward", microbatch=k):
-                (loss * (1.0 / m)).backward()
+                (loss * (self.loss_scale / m)).backward()
             total += float(loss.data) / m
         return total
+
+    @property
+    def loss_scale(self) -> float:
+        """What each microbatch's loss is multiplied by before backward: fp16's S, else 1."""
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    def unscale_gradients(self) -> bool:
+        """Mixed precision: the masters' fp32 gradients from the 16-bit ones, divided by the
+        loss scale. Returns whether the step must be skipped: with fp16, whether any rank
+        found an inf or NaN (one all-reduce over the world; the scale is updated). In fp32
+        there is nothing to do: False."""
+        if not self.precision.half:
+            return False
+        finite = self.optimizer.unscale(self.loss_scale, check=self.scaler is not None)
+        if self.scaler is None:
+            return False
+        with self.tracer.context(phase="optimizer"):
+            overflow = overflow_anywhere(not finite, self.grid.world)
+        self.scaler.update(overflow)
+        return overflow
 
     def finish_gradients(self) -> None:
         """Run the gradient communication of the step, in the order of `_gradient_steps`."""
@@ -252,21 +301,41 @@ class Trainer:
         self.tracer.step = step
         x, y = get_batch(self.data.train, tc.batch_size, self.cfg.seq_len, tc.seed, step)
         self.zero_grad()
-        local_loss = self.forward_backward(step, x, y)
-        self.finish_gradients()
-        norm = math.sqrt(self.global_grad_norm_sq())
+        scale = self.loss_scale
+        with self._overflow_expected():
+            local_loss = self.forward_backward(step, x, y)
+            self.finish_gradients()
+            skipped = self.unscale_gradients()
+        # A skipped step has an infinite gradient somewhere: no norm (NaN), no update.
+        norm = math.nan if skipped else math.sqrt(self.global_grad_norm_sq())
         lr = lr_at(step, max_lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
                    min_lr_ratio=tc.min_lr_ratio)
-        with self.tracer.context(phase="optimizer"):
-            if tc.grad_clip > 0:
-                self.optimizer.clip(norm, tc.grad_clip)
-            self.optimizer.step(lr)
+        self.update(norm, lr, skipped)
         loss = self.reduce_loss(local_loss)
         dt = time.perf_counter() - t0
         self.step += 1
         tokens = tc.batch_size * self.cfg.seq_len
-        return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
-                "step_time_s": dt, "tokens_per_s": tokens / dt}
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                  "step_time_s": dt, "tokens_per_s": tokens / dt}
+        if self.scaler is not None:  # fp16: the scale this step's loss was multiplied by
+            record.update(loss_scale=scale, skipped=skipped)
+        return record
+
+    def update(self, norm: float, lr: float, skipped: bool) -> None:
+        """Clip and take the optimizer step, or skip it (an fp16 overflow on some rank)."""
+        with self.tracer.context(phase="optimizer"):
+            if skipped:
+                self.optimizer.skip()
+                return
+            if self.tc.grad_clip > 0:
+                self.optimizer.clip(norm, self.tc.grad_clip)
+            self.optimizer.step(lr)
+
+    def _overflow_expected(self) -> contextlib.AbstractContextManager:
+        """fp16: numpy stays quiet about an overflow to inf, which the loss scaler handles."""
+        if self.scaler is None:
+            return contextlib.nullcontext()
+        return np.errstate(over="ignore", invalid="ignore")
 
     def zero_grad(self) -> None:
         if self.grad_sync is not None:
@@ -288,6 +357,33 @@ class Trainer:
         with self.tracer.context(phase="other"):
             self.grid.world.allreduce(buf)
         return float(buf[0])
+
+    # -- the state a checkpoint holds -----------------------------------------------------------
+    def full_state(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``(model_state, opt_state)`` as the 1-process run holds them (collective): the
+        weights the optimizer updates, so float32 masters under mixed precision."""
+        params = (self.optimizer.master_parameters() if self.precision.half else self.params)
+        return full_state(params, self.optimizer, self.grid, self.dtype)
+
+    def load_full_state(self, model_state: dict[str, np.ndarray],
+                        opt_state: dict[str, np.ndarray]) -> None:
+        """Load :meth:`full_state`'s output (from any layout and precision); no communication."""
+        if not self.precision.half:
+            load_full_state(self.params, self.optimizer, model_state, opt_state)
+            return
+        masters = [master_copy(p, self.dtype) for p in self.params]
+        load_full_state(masters, self.optimizer, model_state, opt_state)
+        self.optimizer.load_masters(masters)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint's ``meta.json`` adds for an exact resume: fp16's loss scaler."""
+        return {} if self.scaler is None else {"loss_scaler": self.scaler.state_dict()}
+
+    def load_checkpoint_meta(self, meta: dict[str, Any]) -> None:
+        """The loss scaler of :meth:`checkpoint_meta`, if the checkpoint has one (a run that
+        was not fp16 has none: the scaler then starts afresh)."""
+        if self.scaler is not None and "loss_scaler" in meta:
+            self.scaler.load_state_dict(meta["loss_scaler"])
 
     # -- evaluation and generation ----------------------------------------------------------
     @contextmanager

@@ -86,6 +86,26 @@ def test_sgd_weight_decay_without_momentum_is_l2():
     np.testing.assert_allclose(theta, expected, rtol=1e-15)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_decays_what_adamw_decays(momentum):
+    """One weight-decay rule for both optimizers (decay_mask): with zero gradients the only
+    change is the decay, θ ← (1 − αλ)θ on the matrix, and nothing on the bias and gain."""
+    params = _params(seed=5)
+    for p in params:
+        p.grad = np.zeros_like(p.data)
+    before = _copy(params)
+    SGD(params, lr=0.1, momentum=momentum, weight_decay=0.5).step()
+    adamw = _copy(before)
+    for p in adamw:
+        p.grad = np.zeros_like(p.data)
+    AdamW(adamw, lr=0.1, weight_decay=0.5).step()
+    for p, q, old in zip(params, adamw, before, strict=True):
+        factor = 1.0 - 0.1 * 0.5 if decay_mask(old) else 1.0
+        np.testing.assert_allclose(p.data, factor * old.data, rtol=1e-15, err_msg=p.name)
+        np.testing.assert_allclose(q.data, factor * old.data, rtol=1e-15, err_msg=p.name)
+    assert [decay_mask(p) for p in params] == [True, False, False]
+
+
 def test_sgd_skips_params_without_grad_and_zero_grad_clears():
     params = _params()
     params[1].grad = None

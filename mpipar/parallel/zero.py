@@ -36,6 +36,14 @@ convention of :class:`mpipar.optim.AdamW`. The parameters' ``.data`` become view
 buffer, so the all-gather writes straight into the model. Checkpoints stay layout-independent:
 :meth:`ZeroAdamW.state_dict` gathers the shards and returns exactly the keys and shapes of
 ``AdamW.state_dict()``.
+
+Mixed precision (:mod:`mpipar.master_weights`). With 16-bit parameters the gradients are
+reduce-scattered and the parameters all-gathered in 16 bits (half the bytes), and the fp32
+master weights are optimizer state like m and v: each rank keeps the master of its shard only
+(``masters=``), updates it in fp32 and rounds it into the shard it all-gathers. Per rank,
+with K = 12 bytes of fp32 state per parameter (master, m, v):
+
+    ZeRO-1:  2Ψ + 2Ψ + 12Ψ/dp          ZeRO-2:  2Ψ + 2Ψ/dp + 12Ψ/dp
 """
 
 from __future__ import annotations
@@ -48,10 +56,12 @@ import numpy as np
 
 from mpipar.backend import to_numpy
 from mpipar.comm import Comm
-from mpipar.nn import Parameter, unique_parameters
+from mpipar.master_weights import MasterWeights, round_into
+from mpipar.nn import Parameter, master_copy, unique_parameters
 from mpipar.optim import AdamW, adamw_update, decay_mask
 from mpipar.parallel.data_parallel import DataParallel
 from mpipar.parallel.ring import chunk_bounds, ring_allgather, ring_reduce_scatter
+from mpipar.precision import all_finite
 from mpipar.trace import human_bytes
 
 
@@ -192,11 +202,16 @@ class ZeroAdamW:
     :meth:`~ZeroGradients.finish` leaves this rank's averaged gradient shard in
     ``grad_sync.grad_shard``. The interface is that of :class:`mpipar.optim.AdamW` plus what
     the training loop needs for a sharded gradient: :meth:`grad_norm_sq` and :meth:`clip`.
+
+    ``masters`` (mixed precision): fp32 masters of the 16-bit ``params``
+    (:func:`mpipar.master_weights.make_masters`); this rank keeps its shard of them, and the
+    moments, in their dtype, and answers :class:`~mpipar.master_weights.MasterWeights`'s
+    methods (:meth:`unscale`, :meth:`skip`, :meth:`master_parameters`, :meth:`load_masters`).
     """
 
     def __init__(self, params: Iterable[Parameter], grad_sync: ZeroGradients, lr: float,
                  weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
-                 eps: float = 1e-8) -> None:
+                 eps: float = 1e-8, masters: list[Parameter] | None = None) -> None:
         params = unique_parameters(params)
         if not isinstance(grad_sync, ZeroGradients):
             raise ValueError(f"ZeroAdamW needs the ZeroGradients (zero=1 or 2) of its "
@@ -221,13 +236,20 @@ class ZeroAdamW:
         self.lo, self.hi = grad_sync.shard_lo, grad_sync.shard_hi
         n = self.hi - self.lo  # shard length, padded / dp
         self.segments = grad_sync.segments(self.lo, self.hi)
-        self.m = xp.zeros(n, dtype=dtype)
-        self.v = xp.zeros(n, dtype=dtype)
-        self._scratch = xp.empty(n, dtype=dtype)
+        # Mixed precision: the fp32 master of this shard, and its unscaled fp32 gradient.
+        self.master = self.master_grad = None
+        if masters is not None:
+            self.master = xp.zeros(n, dtype=masters[0].dtype)
+            self.master_grad = xp.zeros(n, dtype=self.master.dtype)
+            self.load_masters(masters)
+        state = dtype if self.master is None else self.master.dtype  # of m, v and updates
+        self.m = xp.zeros(n, dtype=state)
+        self.v = xp.zeros(n, dtype=state)
+        self._scratch = xp.empty(n, dtype=state)
         # Per-element weight decay λ_i over the shard: λ on matrices/embeddings, else 0.
         self.decay: Any = 0.0
         if self.weight_decay:
-            self.decay = xp.zeros(n, dtype=dtype)
+            self.decay = xp.zeros(n, dtype=state)
             for p, _, _, s_lo, s_hi in self.segments:
                 if decay_mask(p):
                     self.decay[s_lo:s_hi] = self.weight_decay
@@ -236,16 +258,23 @@ class ZeroAdamW:
 
     # -- the update --------------------------------------------------------------------------
     def step(self, lr: float | None = None) -> None:
-        """AdamW on the owned shard, then all-gather the parameters (see module docstring)."""
+        """AdamW on the owned shard, then all-gather the parameters (see module docstring).
+
+        With masters the update is applied to the fp32 master shard, which is then rounded
+        into the 16-bit shard that the all-gather sends.
+        """
         lr = self.lr if lr is None else float(lr)
         self.step_count += 1
         shard = self.flat_params[self.lo:self.hi]  # (padded/dp,) view of this rank's slice
         if self._send is not None:  # update a copy, which the all-gather then sends
             self._send[...] = shard
             shard = self._send
-        adamw_update(shard, self.sync.grad_shard, self.m, self.v, lr=lr, beta1=self.beta1,
+        target = shard if self.master is None else self.master
+        adamw_update(target, self._grad(), self.m, self.v, lr=lr, beta1=self.beta1,
                      beta2=self.beta2, eps=self.eps, weight_decay=self.decay,
                      step=self.step_count, scratch=self._scratch)
+        if self.master is not None:
+            shard[...] = self.master  # rounded to the compute dtype
         if self._send is not None:
             self.comm.allgather(self._send, self.flat_params)
         else:  # the ring's second half: pass each rank's updated chunk around
@@ -257,13 +286,27 @@ class ZeroAdamW:
         """Zero the gradient buffer (delegated to the ZeroGradients that owns it)."""
         self.sync.zero_grad()
 
+    def _grad(self) -> Any:
+        """The averaged gradient shard the update uses: the fp32 unscaled one with masters."""
+        return self.sync.grad_shard if self.master is None else self.master_grad
+
+    def unscale(self, scale: float, check: bool = True) -> bool:
+        """Mixed precision: the fp32 gradient shard = fp32(16-bit shard) / ``scale``; whether
+        it is all finite (True without ``check``). See `MasterWeights.unscale`."""
+        self.master_grad[...] = self.sync.grad_shard
+        self.master_grad *= 1.0 / scale
+        return not check or all_finite([self.master_grad])
+
+    def skip(self) -> None:
+        """An overflowed step: nothing is updated (no all-gather either; no rank updated)."""
+
     def grad_norm_sq(self, owned: Callable[[Parameter], bool]) -> float:
         """Σ g² over this rank's gradient shard, counting elements of params with ``owned(p)``.
 
         Summed in float64. The shards of the dp ranks are disjoint, so the sum over the world
         of this value counts every element of the model once (no division by dp).
         """
-        g = self.sync.grad_shard
+        g = self._grad()
         total = 0.0
         for p, _, _, s_lo, s_hi in self.segments:
             if owned(p):
@@ -277,12 +320,13 @@ class ZeroAdamW:
         ``norm`` is the global norm; the formula is :func:`mpipar.optim.clip_grad_norm`'s.
         """
         if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-            self.sync.grad_shard *= float(max_norm) / (norm + 1e-6)
+            g = self._grad()
+            g *= float(max_norm) / (norm + 1e-6)
 
     # -- checkpoints -------------------------------------------------------------------------
     def _gather_flat(self, shard: Any) -> np.ndarray:
         """All ranks' shards of a state array, in flat order, on the host: (padded,)."""
-        gathered = self.xp.empty(self.sync.padded, dtype=self.dtype)
+        gathered = self.xp.empty(self.sync.padded, dtype=shard.dtype)
         self.comm.allgather(shard, gathered)  # block r is rank r's shard ...
         gathered = to_numpy(gathered)
         full = np.empty_like(gathered)
@@ -309,34 +353,63 @@ class ZeroAdamW:
         """Restore from full per-parameter state (``AdamW`` format); keep the owned slice.
 
         The state is loaded into a plain :class:`~mpipar.optim.AdamW` of the same parameters
-        first, which checks keys and shapes and holds the full moments (2Ψ elements) for the
-        duration of this call. No communication.
+        (of the masters, with them) first, which checks keys and shapes and holds the full
+        moments (2Ψ elements) for the duration of this call. No communication.
         """
-        full = AdamW(self.params, lr=self.lr)
+        like = self.params if self.master is None else [
+            master_copy(p, self.m.dtype) for p in self.params]
+        full = AdamW(like, lr=self.lr)
         full.load_state_dict(d)
         for p, p_lo, p_hi, s_lo, s_hi in self.segments:
             for moments, shard in ((full.m, self.m), (full.v, self.v)):
                 shard[s_lo:s_hi] = moments[p.name].reshape(-1)[p_lo:p_hi]  # of (p.size,)
         self.step_count = full.step_count
 
+    # -- fp32 masters (mixed precision) ------------------------------------------------------
+    def _shard_of(self, masters: list[Parameter]) -> Any:
+        """This rank's flat shard of the values of ``masters`` (in their dtype): (padded/dp,)."""
+        by_name = {m.name: m for m in masters}
+        shard = self.xp.zeros(self.hi - self.lo, dtype=masters[0].dtype)
+        for p, p_lo, p_hi, s_lo, s_hi in self.segments:
+            shard[s_lo:s_hi] = by_name[p.name].data.reshape(-1)[p_lo:p_hi]
+        return shard
+
+    def master_parameters(self) -> list[Parameter]:
+        """The whole fp32 masters, gathered over dp (collective), as parameters named and
+        placed like the model's: what a checkpoint saves."""
+        with self.comm.tracer.context(phase="other"):
+            flat = self.xp.asarray(self._gather_flat(self.master))
+        out = []
+        for p, o in zip(self.params, self.sync.offsets, strict=True):
+            m = master_copy(p, flat.dtype)
+            m.data[...] = flat[o:o + p.size].reshape(p.shape)
+            out.append(m)
+        return out
+
+    def load_masters(self, masters: list[Parameter]) -> None:
+        """Keep this rank's shard of ``masters`` (whole, on every rank) and round all of them
+        into the model's parameters. No communication."""
+        self.master[...] = self._shard_of(masters)
+        round_into(self.params, masters)
+
     # -- memory ------------------------------------------------------------------------------
     def memory_report(self) -> dict[str, int]:
         """Bytes this rank keeps for optimizer state and gradients, and without ZeRO.
 
         ``baseline_*`` are what plain AdamW and an unsharded gradient buffer take for the
-        same local parameters (Ψ elements): 2Ψ and Ψ elements. The ratio is ~1/dp (exactly,
-        up to the padding of Ψ to a multiple of dp) for the optimizer state with ZeRO-1/2 and
-        for the gradients with ZeRO-2.
+        same local parameters (Ψ elements): 2Ψ (3Ψ with fp32 masters) and Ψ elements. The
+        ratio is ~1/dp (exactly, up to the padding of Ψ to a multiple of dp) for the
+        optimizer state with ZeRO-1/2 and for the gradients with ZeRO-2.
         """
-        item = self.dtype.itemsize
+        state = [self.m, self.v] + ([] if self.master is None else [self.master])
         return {
             "zero": self.sync.zero,
             "dp": self.comm.size,
             "params": self.sync.numel,
-            "optimizer_state_bytes": int(self.m.nbytes + self.v.nbytes),
+            "optimizer_state_bytes": sum(int(a.nbytes) for a in state),
             "grad_bytes": self.sync.grad_bytes(),
-            "baseline_optimizer_state_bytes": 2 * self.sync.numel * item,
-            "baseline_grad_bytes": self.sync.numel * item,
+            "baseline_optimizer_state_bytes": len(state) * self.sync.numel * self.m.itemsize,
+            "baseline_grad_bytes": self.sync.numel * self.dtype.itemsize,
         }
 
 
@@ -344,14 +417,17 @@ def memory_report(optimizer: Any, grad_sync: DataParallel | None,
                   params: list[Parameter]) -> dict[str, int]:
     """The same report for any optimizer: ZeroAdamW's own, or plain AdamW/SGD's (zero 0).
 
-    For a plain optimizer, optimizer state is the bytes of its state arrays and gradient
-    bytes are the data-parallel flat buffer (or one gradient per parameter without dp).
+    For a plain optimizer, optimizer state is the bytes of its state arrays (and of the fp32
+    masters under mixed precision) and gradient bytes are the data-parallel flat buffer (or
+    one gradient per parameter without dp).
     """
     if isinstance(optimizer, ZeroAdamW):
         return optimizer.memory_report()
     numel = sum(p.size for p in params)
     item = params[0].dtype.itemsize
     state = sum(int(a.nbytes) for a in optimizer.state_dict().values() if a.ndim > 0)
+    if isinstance(optimizer, MasterWeights):
+        state += optimizer.master_bytes()
     grads = grad_sync.grad_bytes() if grad_sync is not None else numel * item
     return {"zero": 0, "dp": grad_sync.dp if grad_sync is not None else 1, "params": numel,
             "optimizer_state_bytes": state, "grad_bytes": grads,

@@ -27,7 +27,8 @@ T / tp positions of it (the batch's `SequenceLayout`, which the executor also ha
 chunk as the full length T). Both sides compute the shape from the microbatch, so a message
 is one raw-buffer ``Send`` matched by one ``Recv`` into a preallocated buffer: no header, no
 pickling. Each message carries its instruction's MPI tag (one per kind), so the messages of
-a channel arrive in the order the schedule sent them.
+a channel arrive in the order the schedule sent them. The dtype is the compute dtype (the
+layers'): 16-bit under mixed precision, half the bytes of fp32.
 
 Memory (`memory`). Receive buffers come from a pool and go back to it once their contents are
 dead: an input activation after the backward of its microbatch (the autograd graph may have
@@ -132,11 +133,12 @@ class PipelineExecutor:
         self.program = program[:-2]  # the trainer carries out the last two (module docstring)
         cfg = chunks[0].cfg
         self.d_model, self.vocab_size = cfg.d_model, cfg.vocab_size
-        self.dtype = np.dtype(cfg.dtype)
         self.layers = chunks[0].layers  # shared by the chunks (serial or tensor-parallel)
+        self.dtype = np.dtype(self.layers.dtype)  # the compute dtype: what is sent
         self.comm = grid.pp_comm
         self.pool = BufferPool(self.dtype)
         self.stats = StashStats()
+        self.loss_scale = 1.0  # of the step being run (train_step)
         self._params = [p for c in chunks for p in c.parameters()]
         self._param_memory = memory_ids(p.data for p in self._params)
         transfers: Dispatch = {
@@ -150,13 +152,14 @@ class PipelineExecutor:
 
     # -- what the trainer calls ---------------------------------------------------------------
     def train_step(self, xs: Sequence[Any], ys: Sequence[Any], keys: Sequence[DropoutKey],
-                   grad_sync: Any = None) -> float:
+                   grad_sync: Any = None, loss_scale: float = 1.0) -> float:
         """Run the schedule on microbatches ``xs``/``ys``; gradients accumulate in ``.grad``.
 
         Each microbatch's loss Lₖ (a mean over its positions) is scaled by 1/M before its
         backward, so the accumulated gradient is that of (1/M) Σₖ Lₖ, the mean over all M·mb
-        sequences. Returns that mean loss on the rank that computes it (the last virtual
-        stage) and 0.0 elsewhere. Data-parallel reduction is held back for the whole schedule
+        sequences, times ``loss_scale`` (fp16's loss scale S, which the optimizer divides
+        out). Returns that mean loss on the rank that computes it (the last virtual stage) and
+        0.0 elsewhere. Data-parallel reduction is held back for the whole schedule
         (``grad_sync.set_sync(False)``); the trainer's ``grad_sync.finish()`` does it after.
         """
         if len(xs) != self.m or len(ys) != self.m or len(keys) != self.m:
@@ -164,6 +167,7 @@ class PipelineExecutor:
                              f"{len(ys)} targets and {len(keys)} dropout keys")
         if grad_sync is not None:
             grad_sync.set_sync(False)
+        self.loss_scale = float(loss_scale)
         self._start(training=True, xs=xs, ys=ys, keys=keys)
         self._run(self.program, self.dispatch)
         return self._finish_losses()
@@ -293,7 +297,8 @@ class PipelineExecutor:
             out = self.chunks[c](inp, targets, self.keys[mb], seq_len=self.layout.length)
             if last:
                 self.losses[mb] = float(out.data)
-                out = out * (1.0 / self.m)  # backward starts from Lₖ/M, as in the 1-process loop
+                # backward starts from S·Lₖ/M, as in the 1-process loop (S = 1 but in fp16)
+                out = out * (self.loss_scale / self.m)
         if not last:
             self.outputs[(mb, c)] = out
         self.stash.keep((mb, c), x, out)

@@ -19,6 +19,10 @@ and rank r holds exactly softmax's columns lo_r..hi_r (exp(z − m)/s, with the 
 A vocabulary that t does not divide is padded to a multiple of t; the padded columns are
 masked to −inf before the max and the exponentials, so they get probability 0, contribute 0
 to s, and receive gradient 0: the loss is the serial one.
+
+Under mixed precision the logits arrive in 16 bits and, as in ``fused.CrossEntropy``, are
+taken to fp32 first: the max, the sums and what they all-reduce, the loss and the saved
+softmax are fp32; only the gradient returned to the head is rounded back.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 from mpipar.autograd import Function, Tensor
 from mpipar.backend import array_module
 from mpipar.comm import Comm
+from mpipar.precision import accumulate_dtype, narrow, upcast
 
 
 class VocabParallelCrossEntropy(Function):
@@ -43,7 +48,7 @@ class VocabParallelCrossEntropy(Function):
     def forward(ctx, logits, targets, vocab_start, vocab_size, comm):
         xp = array_module(logits)
         v_local = logits.shape[-1]
-        z = logits.reshape(-1, v_local)  # (N, V_local)
+        z = upcast(logits).reshape(-1, v_local)  # (N, V_local), fp32 for 16-bit logits
         t = targets.reshape(-1)
         n = z.shape[0]
         real = min(max(vocab_size - vocab_start, 0), v_local)  # real columns held here
@@ -67,8 +72,8 @@ class VocabParallelCrossEntropy(Function):
         loss = (xp.log(s) - target_z).sum() / n
         p /= s[:, None]  # this rank's columns of the softmax, kept for backward
         ctx.save_for_backward(p, local_t, mine)
-        ctx.shape = logits.shape
-        return xp.asarray(loss, dtype=logits.dtype)
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return xp.asarray(loss, dtype=accumulate_dtype(logits.dtype))
 
     @staticmethod
     def backward(ctx, g):
@@ -78,7 +83,7 @@ class VocabParallelCrossEntropy(Function):
         d = p * (g / n)  # a new array: p stays as saved
         rows = xp.arange(n)[mine]
         d[rows, local_t[mine]] -= g / n
-        return (d.reshape(ctx.shape),)
+        return (narrow(d.reshape(ctx.shape), ctx.dtype),)
 
 
 def vocab_parallel_cross_entropy(logits: Tensor, targets: Any, vocab_start: int,

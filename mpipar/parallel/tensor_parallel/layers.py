@@ -58,6 +58,7 @@ from mpipar.parallel.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
     scatter_to_tensor_parallel_region,
 )
+from mpipar.precision import accumulate_dtype, matmul, narrow, sum_rows, upcast
 
 
 def divide(n: int, t: int, what: str) -> int:
@@ -97,7 +98,7 @@ class SequenceParallelLinear(Function):
     @staticmethod
     def forward(ctx, x, w, b, comm):
         full = gather_along(x, SEQUENCE_AXIS, comm)  # (B, T, d_in)
-        y = full.reshape(-1, full.shape[-1]) @ w.T
+        y = matmul(full.reshape(-1, full.shape[-1]), w.T)
         y += b
         ctx.save_for_backward(x, w)
         ctx.comm = comm
@@ -110,13 +111,13 @@ class SequenceParallelLinear(Function):
         g2 = g.reshape(-1, g.shape[-1])  # (B·T, d_out/t)
         gx = gw = gb = None
         if need[0]:
-            gfull = (g2 @ w).reshape(*g.shape[:-1], w.shape[1])  # (B, T, d_in), partial
+            gfull = matmul(g2, w).reshape(*g.shape[:-1], w.shape[1])  # (B, T, d_in), partial
             gx = reduce_scatter_along(gfull, SEQUENCE_AXIS, ctx.comm)  # (B, T/t, d_in)
         if need[1]:
             full = gather_along(x, SEQUENCE_AXIS, ctx.comm)  # again: only x was kept
-            gw = g2.T @ full.reshape(-1, full.shape[-1])
+            gw = matmul(g2.T, full.reshape(-1, full.shape[-1]))
         if need[2]:
-            gb = g2.sum(axis=0)
+            gb = sum_rows(g2, axis=0)
         return gx, gw, gb
 
 
@@ -187,7 +188,8 @@ class RowParallelLinear(Module):
 class VocabShardLookup(Function):
     """y[p] = W_r[idx[p] − lo] if lo ≤ idx[p] < lo + V_r, else 0 (the token is elsewhere).
 
-    dW_r[i] = Σ over positions p with idx[p] = lo + i of g[p]; foreign tokens add nothing.
+    dW_r[i] = Σ over positions p with idx[p] = lo + i of g[p]; foreign tokens add nothing
+    (summed in fp32 for a 16-bit g).
     """
 
     @staticmethod
@@ -206,9 +208,9 @@ class VocabShardLookup(Function):
     def backward(ctx, g):
         local, inside = ctx.saved
         xp = array_module(g)
-        gw = xp.zeros(ctx.shape, dtype=g.dtype)
-        xp.add.at(gw, local[inside], g[inside])
-        return (gw,)
+        gw = xp.zeros(ctx.shape, dtype=accumulate_dtype(g.dtype))
+        xp.add.at(gw, local[inside], upcast(g[inside]))
+        return (narrow(gw, g.dtype),)
 
 
 class VocabParallelEmbedding(Module):
