@@ -117,7 +117,8 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
                     microbatches=args.microbatches, n_layer=shape["n_layer"],
                     n_head=shape["n_head"], d_model=shape["d_model"],
                     virtual_stages=args.virtual_stages, schedule=args.schedule, zero=args.zero,
-                    sequence_parallel=args.sequence_parallel, seq_len=shape["seq_len"])
+                    sequence_parallel=args.sequence_parallel, seq_len=shape["seq_len"],
+                    allreduce=args.allreduce)
     resumed = load_checkpoint(args.resume) if args.resume else None
     if resumed is not None:
         refuse_quantized(resumed[1], "--resume", args.resume)
@@ -180,7 +181,8 @@ def train_config(args: argparse.Namespace, batch_size: int) -> TrainConfig:
         virtual_stages=args.virtual_stages, zero=args.zero, bucket_mb=args.bucket_mb,
         overlap=not args.no_overlap, allreduce=args.allreduce,
         dp_strategy=args.dp_strategy.replace("-", "_"),
-        sequence_parallel=args.sequence_parallel, teacher=args.teacher,
+        sequence_parallel=args.sequence_parallel, recompute=args.recompute,
+        teacher=args.teacher,
         distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature)
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 
 from mpipar.grid import SCHEDULES, ZERO_STAGES
-from mpipar.model import PRESETS
+from mpipar.model import PRESETS, RECOMPUTE_MODES
 from mpipar.training import EVAL_TOKENS
 
 DEFAULT_PRESET = "small"
@@ -155,6 +155,10 @@ def add_parallelism_flags(g: argparse._ArgumentGroup) -> None:
                    help="data-parallel all-reduce: MPI's, or the ring written out in mpipar")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split LayerNorm and dropout work along the sequence over tp ranks")
+    g.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none",
+                   help="what a block keeps for backward: everything; all but the attention "
+                        "core, recomputed (selective); only its input, the block recomputed "
+                        "(full). The numbers are the same")
 
 
 def add_distillation_flags(g: argparse._ArgumentGroup) -> None:

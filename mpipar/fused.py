@@ -61,11 +61,16 @@ def _row_blocks(a) -> list[slice]:
 
 def _batch_blocks(scores) -> list[slice]:
     """Slices of the batch axis of (B, H, T, T) scores, about CACHE_BLOCK elements each."""
-    per_row = scores[0].size if scores.shape[0] else 1
-    if array_module(scores).__name__ != "numpy":
-        return [slice(0, scores.shape[0])]
+    return _sequence_blocks(scores.shape[0], scores[0].size if scores.shape[0] else 1,
+                            array_module(scores))
+
+
+def _sequence_blocks(b: int, per_row: int, xp) -> list[slice]:
+    """`_batch_blocks` of B = ``b`` sequences whose scores take ``per_row`` elements each."""
+    if xp.__name__ != "numpy":
+        return [slice(0, b)]
     step = max(1, CACHE_BLOCK // max(per_row, 1))
-    return [slice(i, i + step) for i in range(0, scores.shape[0], step)]
+    return [slice(i, i + step) for i in range(0, b, step)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +244,21 @@ def causal_mask_bias(t: int, xp, dtype):
     return bias
 
 
+def attention_probs(q, k, scale: float, bias, out):
+    """P = softmax(Q Kᵀ·scale + bias) over the last axis, written into ``out`` (b, H, T, T).
+
+    One sequence block of `CausalAttention`; backward calls it again to recompute P.
+    """
+    xp = array_module(out)
+    xp.matmul(q, k.swapaxes(-1, -2), out=out)
+    out *= scale
+    out += bias
+    out -= out.max(axis=-1, keepdims=True)
+    xp.exp(out, out=out)
+    out /= out.sum(axis=-1, keepdims=True)
+    return out
+
+
 class CausalAttention(Function):
     """Multi-head causal self-attention from packed projections.
 
@@ -246,10 +266,16 @@ class CausalAttention(Function):
     S = Q Kᵀ/√D + mask,  P = softmax(S),  Y = (P ⊙ drop) V,  output (B, T, C) heads side by side.
     Backward:  dV = P̃ᵀ dY,  dP̃ = dY Vᵀ,  dP = dP̃ ⊙ drop,  dS = P ⊙ (dP − Σ_j dP ⊙ P),
     dQ = dS K/√D,  dK = dSᵀ Q/√D  (P̃ = P ⊙ drop; drop is the scaled dropout mask or 1).
+
+    ``recompute`` (selective recomputation, Korthikanti et al. 2022): keep only q, k and v,
+    not the (B, H, T, T) arrays P, P̃ and drop, whose size grows with T², and compute P again
+    in backward, one block of sequences at a time, with the same operations (so the same
+    bits). ``drop_mask`` may then be a function that draws the mask again, so that the mask
+    is not kept either.
     """
 
     @staticmethod
-    def forward(ctx, qkv, n_head, drop_mask=None):
+    def forward(ctx, qkv, n_head, drop_mask=None, recompute=False):
         xp = array_module(qkv)
         b, t, c3 = qkv.shape
         c = c3 // 3
@@ -258,24 +284,23 @@ class CausalAttention(Function):
         q, k, v = heads[0], heads[1], heads[2]
         scale = 1.0 / math.sqrt(d)
         bias = causal_mask_bias(t, xp, qkv.dtype)
+        mask = drop_mask() if callable(drop_mask) else drop_mask
         p = xp.empty((b, n_head, t, t), dtype=qkv.dtype)  # (B, H, T, T), kept for backward
-        pd = p if drop_mask is None else xp.empty_like(p)
+        pd = p if mask is None else xp.empty_like(p)
         y = xp.empty((b, t, n_head, d), dtype=qkv.dtype)  # heads side by side, as returned
         # A few sequences at a time, so each (H, T, T) block of scores stays in cache through
         # the whole softmax instead of streaming the full (B, H, T, T) array seven times.
         for rows in _batch_blocks(p):
-            sb = p[rows]
-            xp.matmul(q[rows], k[rows].swapaxes(-1, -2), out=sb)
-            sb *= scale
-            sb += bias
-            sb -= sb.max(axis=-1, keepdims=True)
-            xp.exp(sb, out=sb)
-            sb /= sb.sum(axis=-1, keepdims=True)
-            if drop_mask is not None:
-                xp.multiply(sb, drop_mask[rows], out=pd[rows])
+            attention_probs(q[rows], k[rows], scale, bias, p[rows])
+            if mask is not None:
+                xp.multiply(p[rows], mask[rows], out=pd[rows])
             y[rows] = (pd[rows] @ v[rows]).transpose(0, 2, 1, 3)
-        ctx.save_for_backward(q, k, v, p, pd, drop_mask)
-        ctx.scale = scale
+        if recompute:
+            ctx.save_for_backward(q, k, v, None, None, None)
+            ctx.drop_mask = drop_mask  # the function that draws it, or the mask itself
+        else:
+            ctx.save_for_backward(q, k, v, p, pd, mask)
+        ctx.scale, ctx.recompute = scale, recompute
         return y.reshape(b, t, c)
 
     @staticmethod
@@ -285,9 +310,25 @@ class CausalAttention(Function):
         b, h, t, d = q.shape
         gy = g.reshape(b, t, h, d).transpose(0, 2, 1, 3)  # (B, H, T, D)
         out = xp.empty((b, t, 3, h, d), dtype=g.dtype)
-        for rows in _batch_blocks(p):
-            gyb, pb = gy[rows], p[rows]
-            out[rows, :, 2] = (pd[rows].swapaxes(-1, -2) @ gyb).transpose(0, 2, 1, 3)  # dV
+        if ctx.recompute:
+            drop_mask = ctx.drop_mask() if callable(ctx.drop_mask) else ctx.drop_mask
+            bias = causal_mask_bias(t, xp, q.dtype)
+            blocks = _sequence_blocks(b, h * t * t, xp)
+            width = blocks[0].stop - blocks[0].start  # the first block is the largest
+            scratch = xp.empty((min(width, b), h, t, t), dtype=q.dtype)  # P of one block
+            scratch_d = scratch if drop_mask is None else xp.empty_like(scratch)
+        else:
+            blocks = _batch_blocks(p)
+        for rows in blocks:
+            if ctx.recompute:
+                n = min(rows.stop, b) - rows.start
+                pb = attention_probs(q[rows], k[rows], ctx.scale, bias, scratch[:n])
+                pdb = pb if drop_mask is None else xp.multiply(pb, drop_mask[rows],
+                                                               out=scratch_d[:n])
+            else:
+                pb, pdb = p[rows], pd[rows]
+            gyb = gy[rows]
+            out[rows, :, 2] = (pdb.swapaxes(-1, -2) @ gyb).transpose(0, 2, 1, 3)  # dV
             dp = gyb @ v[rows].swapaxes(-1, -2)  # (b', H, T, T)
             if drop_mask is not None:
                 dp *= drop_mask[rows]
