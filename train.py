@@ -308,8 +308,7 @@ def report(run: Run) -> None:
     all_totals = world.allgather_object(
         {f"{op}|{group}": v for (op, group), v in world.tracer.totals().items()})
     peaks = world.allgather_object(peak_memory_bytes())
-    memory = world.allgather_object(
-        memory_record(run.memory, np.dtype(run.setup.cfg.dtype).itemsize))
+    memory = world.allgather_object(memory_record(run.memory))
     pipeline = gather_pipeline_report(run)
     if run.args.trace:
         write_trace(run)

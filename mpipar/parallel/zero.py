@@ -10,7 +10,7 @@ slice of the optimizer state; stage 2 slices the gradients too:
 
     ZeRO-1:  4Ψ + 4Ψ + 8Ψ/dp          ZeRO-2:  4Ψ + 4Ψ/dp + 8Ψ/dp
 
-(stage 3, not built here, also slices the parameters). The step becomes
+(stage 3, :mod:`mpipar.parallel.zero3`, also slices the parameters). The step becomes
 
 1. **reduce-scatter** the flat gradient buffer: rank r receives the dp-sum of its shard only
    (half the traffic of an all-reduce, which is a reduce-scatter followed by an all-gather);
@@ -52,6 +52,7 @@ from mpipar.nn import Parameter, unique_parameters
 from mpipar.optim import AdamW, adamw_update, decay_mask
 from mpipar.parallel.data_parallel import DataParallel
 from mpipar.parallel.ring import chunk_bounds, ring_allgather, ring_reduce_scatter
+from mpipar.parallel.zero3 import Zero3AdamW
 from mpipar.trace import human_bytes
 
 
@@ -333,6 +334,7 @@ class ZeroAdamW:
             "zero": self.sync.zero,
             "dp": self.comm.size,
             "params": self.sync.numel,
+            "param_bytes": int(self.flat_params.nbytes),
             "optimizer_state_bytes": int(self.m.nbytes + self.v.nbytes),
             "grad_bytes": self.sync.grad_bytes(),
             "baseline_optimizer_state_bytes": 2 * self.sync.numel * item,
@@ -342,19 +344,20 @@ class ZeroAdamW:
 
 def memory_report(optimizer: Any, grad_sync: DataParallel | None,
                   params: list[Parameter]) -> dict[str, int]:
-    """The same report for any optimizer: ZeroAdamW's own, or plain AdamW/SGD's (zero 0).
+    """The same report for any optimizer: a ZeRO optimizer's own (`ZeroAdamW`,
+    `mpipar.parallel.zero3.Zero3AdamW`), or plain AdamW/SGD's (zero 0).
 
     For a plain optimizer, optimizer state is the bytes of its state arrays and gradient
     bytes are the data-parallel flat buffer (or one gradient per parameter without dp).
     """
-    if isinstance(optimizer, ZeroAdamW):
+    if isinstance(optimizer, ZeroAdamW | Zero3AdamW):
         return optimizer.memory_report()
     numel = sum(p.size for p in params)
     item = params[0].dtype.itemsize
     state = sum(int(a.nbytes) for a in optimizer.state_dict().values() if a.ndim > 0)
     grads = grad_sync.grad_bytes() if grad_sync is not None else numel * item
     return {"zero": 0, "dp": grad_sync.dp if grad_sync is not None else 1, "params": numel,
-            "optimizer_state_bytes": state, "grad_bytes": grads,
+            "param_bytes": numel * item, "optimizer_state_bytes": state, "grad_bytes": grads,
             "baseline_optimizer_state_bytes": state, "baseline_grad_bytes": grads}
 
 
@@ -365,5 +368,9 @@ def format_memory_report(r: Mapping[str, int]) -> str:
         now, base = r[f"{key}_bytes"], r[f"baseline_{key}_bytes"]
         return f"{what} {human_bytes(now)} ({now / base:.2f} × {human_bytes(base)})"
 
+    params = ""
+    if r["zero"] == 3:
+        params = (f"{part('parameters', 'param')[:-1]}; "
+                  f"{human_bytes(r['param_buffer_bytes'])} of it gather buffers), ")
     return (f"ZeRO-{r['zero']} over dp {r['dp']}, per rank (× the size without ZeRO): "
-            f"{part('optimizer state', 'optimizer_state')}, {part('gradients', 'grad')}")
+            f"{params}{part('optimizer state', 'optimizer_state')}, {part('gradients', 'grad')}")

@@ -424,11 +424,16 @@ class Zero3AdamW:
         self.step_count = full.step_count
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes this rank keeps between steps, and without ZeRO (`zero.memory_report`)."""
+        """Bytes this rank keeps between steps, and without ZeRO (`zero.memory_report`).
+
+        ``param_bytes``: the parameter shard and the gather buffers (two blocks, and the
+        parameters outside the blocks, kept whole), ``param_buffer_bytes`` the buffers alone.
+        """
         s, item = self.sharded, self.sharded.dtype.itemsize
+        buffers = sum(int(b.nbytes) for b in s.parameter_buffers())
         return {
             "zero": 3, "dp": s.dp, "params": s.numel,
-            "param_bytes": int(s.shard.nbytes + sum(b.nbytes for b in s.parameter_buffers())),
+            "param_bytes": int(s.shard.nbytes) + buffers, "param_buffer_bytes": buffers,
             "optimizer_state_bytes": int(self.m.nbytes + self.v.nbytes),
             "grad_bytes": s.grad_bytes(),
             "baseline_param_bytes": s.numel * item,
