@@ -65,14 +65,14 @@ def saved_per_layer(b: int, s: int, h: int, a: int, itemsize: int, *, recompute:
     if recompute == "full":
         return {"block input": whole * itemsize}
     items = {
-        "ln_1: x̂ and 1/σ": whole + tokens,
+        "ln_1: (x − μ)/σ and 1/σ": whole + tokens,
         "qkv input (ln_1 output)": whole,
         "attention: q, k, v": 3 * split,
         "attention: P": core,
         "attention: dropout mask, P ⊙ mask": 2 * core if dropout else 0,
         "proj input (attention output)": split,
         "residual dropout masks": 2 * whole if dropout else 0,
-        "ln_2: x̂ and 1/σ": whole + tokens,
+        "ln_2: (x − μ)/σ and 1/σ": whole + tokens,
         "fc input (ln_2 output)": whole,
         "gelu: input and tanh": 8 * split,
         "proj input (gelu output)": 4 * split,

@@ -6,8 +6,8 @@ of 1 process in float64 and float32 with dropout and microbatches compared bit f
 the bytes every block keeps measured against `mpipar.activations.saved_per_layer` for the
 tiny, small and medium shapes.
 
-With MPI (``mpi_scripts/recompute_checks.py``, 4 ranks): the bytes of a block under tp = 2
-and 4, with and without sequence parallelism, against the formula; and float32 runs with
+With MPI (``mpi_scripts/recompute_checks.py``, 4 ranks): the bytes of a block under tp = 2,
+with and without sequence parallelism, against the formula; and float32 runs with
 dropout under tp + sequence parallelism + dp, pp + tp, and pp + dp with ZeRO-2 compared bit
 for bit between the three modes. float64 layouts with ``same_bits_as`` run in the
 equivalence launches of test_data_parallel.py, test_tensor_parallel.py and test_pipeline.py.
@@ -152,13 +152,13 @@ def test_training_is_the_same_bits_in_every_mode(dtype):
 def test_every_block_keeps_what_the_formula_says(preset):
     """All three modes, float32 and float64, with and without dropout, to the byte.
 
-    medium runs with 2 sequences instead of 32 to stay quick; the formula is linear in b.
+    medium runs with 2 sequences instead of 32, in float32 only, to stay quick.
     """
     shape = dict(PRESETS[preset])
     b = 2 if preset == "medium" else shape.pop("batch_size")
     shape.pop("batch_size", None)
     idx = np.random.default_rng(0).integers(0, 65, (b, shape["seq_len"]))
-    for dtype in ("float32", "float64"):
+    for dtype in ("float32",) if preset == "medium" else ("float32", "float64"):
         for dropout in (0.0, 0.1):
             cfg = GPTConfig(vocab_size=65, dtype=dtype, dropout=dropout, **shape)
             key = DropoutKey(1, 0, b, slice(0, b)) if dropout else None
@@ -208,8 +208,8 @@ def test_full_recomputation_adds_a_third_of_the_flops():
 # ---- with MPI -------------------------------------------------------------------------------
 
 RECOMPUTE_CHECKS = [
-    *(f"block bytes = formula, tp{t}{' sp' if sp else ''}{' dropout' if d else ''}"
-      for t in (2, 4) for sp in (False, True) for d in (False, True)),
+    *(f"block bytes = formula, tp2{' sp' if sp else ''}{' dropout' if d else ''}"
+      for sp in (False, True) for d in (False, True)),
     *(f"{layout} {mode}: same bits as none"
       for layout in ("tp2 dp2 sp mb2", "pp2 tp2 1f1b m4", "pp2 dp2 interleaved v2 zero2")
       for mode in ("selective", "full")),
