@@ -144,13 +144,15 @@ def add_parallelism_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--virtual-stages", type=positive_int, default=1,
                    help="model chunks per pipeline rank (--schedule interleaved)")
     g.add_argument("--zero", type=int, choices=ZERO_STAGES, default=0,
-                   help="ZeRO stage: 1 shards AdamW's state over dp, 2 its gradients too")
+                   help="ZeRO stage: 1 shards AdamW's state over dp, 2 its gradients too, 3 "
+                        "the parameters too (each block gathered around its use)")
     g.add_argument("--dp-strategy", choices=["per-param", "flat", "bucketed"],
                    default="bucketed", help="how data parallelism all-reduces gradients")
     g.add_argument("--bucket-mb", type=positive_float, default=1.0,
                    help="gradient bucket size in MiB (--dp-strategy bucketed)")
     g.add_argument("--no-overlap", action="store_true",
-                   help="all-reduce buckets after backward instead of during it")
+                   help="all-reduce buckets after backward instead of during it (--zero 3: "
+                        "gather each block when it runs, not during the one before)")
     g.add_argument("--allreduce", choices=["mpi", "ring"], default="mpi",
                    help="data-parallel all-reduce: MPI's, or the ring written out in mpipar")
     g.add_argument("--sequence-parallel", action="store_true",
