@@ -306,27 +306,13 @@ class CausalAttention(Function):
     @staticmethod
     def backward(ctx, g):
         q, k, v, p, pd, drop_mask = ctx.saved
+        if ctx.recompute:
+            drop_mask = ctx.drop_mask() if callable(ctx.drop_mask) else ctx.drop_mask
         xp = array_module(g)
         b, h, t, d = q.shape
         gy = g.reshape(b, t, h, d).transpose(0, 2, 1, 3)  # (B, H, T, D)
         out = xp.empty((b, t, 3, h, d), dtype=g.dtype)
-        if ctx.recompute:
-            drop_mask = ctx.drop_mask() if callable(ctx.drop_mask) else ctx.drop_mask
-            bias = causal_mask_bias(t, xp, q.dtype)
-            blocks = _sequence_blocks(b, h * t * t, xp)
-            width = blocks[0].stop - blocks[0].start  # the first block is the largest
-            scratch = xp.empty((min(width, b), h, t, t), dtype=q.dtype)  # P of one block
-            scratch_d = scratch if drop_mask is None else xp.empty_like(scratch)
-        else:
-            blocks = _batch_blocks(p)
-        for rows in blocks:
-            if ctx.recompute:
-                n = min(rows.stop, b) - rows.start
-                pb = attention_probs(q[rows], k[rows], ctx.scale, bias, scratch[:n])
-                pdb = pb if drop_mask is None else xp.multiply(pb, drop_mask[rows],
-                                                               out=scratch_d[:n])
-            else:
-                pb, pdb = p[rows], pd[rows]
+        for rows, pb, pdb in _probability_blocks(ctx, q, k, p, pd, drop_mask):
             gyb = gy[rows]
             out[rows, :, 2] = (pdb.swapaxes(-1, -2) @ gyb).transpose(0, 2, 1, 3)  # dV
             dp = gyb @ v[rows].swapaxes(-1, -2)  # (b', H, T, T)
@@ -338,3 +324,28 @@ class CausalAttention(Function):
             out[rows, :, 0] = (dp @ k[rows]).transpose(0, 2, 1, 3)  # dQ
             out[rows, :, 1] = (dp.swapaxes(-1, -2) @ q[rows]).transpose(0, 2, 1, 3)  # dK
         return (out.reshape(b, t, 3 * h * d),)
+
+
+def _probability_blocks(ctx, q, k, p, pd, drop_mask):
+    """``(rows, P, P ⊙ drop)`` for each block of sequences, for `CausalAttention.backward`.
+
+    The saved arrays' blocks; or, with ``ctx.recompute``, each block computed again from q and
+    k into a scratch buffer of one block, as the forward pass computed it.
+    """
+    if not ctx.recompute:
+        for rows in _batch_blocks(p):
+            yield rows, p[rows], pd[rows]
+        return
+    xp = array_module(q)
+    b, h, t, _ = q.shape
+    bias = causal_mask_bias(t, xp, q.dtype)
+    blocks = _sequence_blocks(b, h * t * t, xp)
+    scratch = xp.empty((min(blocks[0].stop, b), h, t, t), dtype=q.dtype)  # the largest block
+    scratch_d = scratch if drop_mask is None else xp.empty_like(scratch)
+    for rows in blocks:
+        n = min(rows.stop, b) - rows.start
+        pb = attention_probs(q[rows], k[rows], ctx.scale, bias, scratch[:n])
+        if drop_mask is not None:
+            yield rows, pb, xp.multiply(pb, drop_mask[rows], out=scratch_d[:n])
+        else:
+            yield rows, pb, pb

@@ -23,7 +23,7 @@ from conftest import TINY_TEXT
 from gradcheck import check_gradients
 from mpi_util import assert_check_passed, parse_verdict, run_mpi_ok, script
 
-from mpipar import ops
+from mpipar import fused, ops
 from mpipar.activations import (
     formula_bytes,
     korthikanti_bytes,
@@ -97,7 +97,10 @@ def test_checkpoint_reaches_parameters_when_the_input_needs_no_gradient():
 
 
 @pytest.mark.parametrize("dropout", [False, True])
-def test_attention_recompute_is_the_same_function(dropout):
+@pytest.mark.parametrize("cache_block", [fused.CACHE_BLOCK, 2 * 49 * 2])
+def test_attention_recompute_is_the_same_function(dropout, cache_block, monkeypatch):
+    """Also with blocks of 2 sequences (of 5): P is recomputed block by block."""
+    monkeypatch.setattr(fused, "CACHE_BLOCK", cache_block)
     rng = np.random.default_rng(3)
     qkv = rng.standard_normal((5, 7, 3 * 8))
     mask = (rng.random((5, 2, 7, 7)) > 0.2) / 0.8 if dropout else None
