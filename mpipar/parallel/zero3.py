@@ -53,7 +53,7 @@ from mpipar.autograd import Function, Tensor
 from mpipar.backend import array_module, to_numpy
 from mpipar.comm import Comm, Request
 from mpipar.model import GPT, SequenceLayout
-from mpipar.nn import DropoutKey, Module, Parameter
+from mpipar.nn import DropoutKey, Module, ModuleList, Parameter
 from mpipar.optim import AdamW, adamw_update, decay_mask
 
 
@@ -186,14 +186,15 @@ class ShardedParameters:
         """Put a `ShardedBlock` in each block's place; chain each chunk's units in order."""
         units = iter(self.block_units)
         for chunk in chunks:
-            previous = None
-            for i, block in enumerate(chunk.blocks):
+            previous, wrapped = None, []
+            for block in chunk.blocks:
                 unit = next(units)
                 unit.before = previous
                 if previous is not None:
                     previous.after = unit
-                chunk.blocks._items[i] = ShardedBlock(block, self, unit)
+                wrapped.append(ShardedBlock(block, self, unit))
                 previous = unit
+            chunk.blocks = ModuleList(wrapped, start=chunk.blocks.start)
         size = max((u.padded for u in self.block_units), default=0)
         # Block i gathers into buffer i mod 2 (module docstring).
         self._buffers = [self.xp.zeros(size, self.dtype) for _ in range(2)]
@@ -315,7 +316,8 @@ class ShardedParameters:
         """Reduce-scatter the rest's gradient; :attr:`grad_shard` ends holding the dp average."""
         if self.rest_grads is None:
             raise RuntimeError("finish() without gradients: call zero_grad() before backward")
-        self._reduce_into_shard(self.rest_grads, self.rest)
+        if self.rest.padded:  # a middle pipeline stage holds only blocks
+            self._reduce_into_shard(self.rest_grads, self.rest)
         self.grad_shard *= 1.0 / self.dp
         self.rest_grads = None  # like ZeRO-2: only the shard outlives the step
         for p in self.rest.params:
@@ -323,6 +325,8 @@ class ShardedParameters:
 
     def refresh_rest(self) -> None:
         """After the optimizer step: all-gather the rest's updated shards into its buffer."""
+        if not self.rest.padded:
+            return
         self._start_gather(self.rest)
         self.rest.request.wait()
         self.rest.request = None
