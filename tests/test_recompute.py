@@ -8,8 +8,8 @@ tiny, small and medium shapes.
 
 With MPI (``mpi_scripts/recompute_checks.py``, 4 ranks): the bytes of a block under tp = 2,
 with and without sequence parallelism, against the formula; and float32 runs with
-dropout under tp + sequence parallelism + dp, pp + tp, and pp + dp with ZeRO-2 compared bit
-for bit between the three modes. float64 layouts with ``same_bits_as`` run in the
+dropout under tp + sequence parallelism + dp, and pp + dp with ZeRO-2, compared bit for bit
+between the three modes. float64 layouts with ``same_bits_as`` run in the
 equivalence launches of test_data_parallel.py, test_tensor_parallel.py and test_pipeline.py.
 """
 
@@ -214,7 +214,7 @@ RECOMPUTE_CHECKS = [
     *(f"block bytes = formula, tp2{' sp' if sp else ''}{' dropout' if d else ''}"
       for sp in (False, True) for d in (False, True)),
     *(f"{layout} {mode}: same bits as none"
-      for layout in ("tp2 dp2 sp mb2", "pp2 tp2 1f1b m4", "pp2 dp2 interleaved v2 zero2")
+      for layout in ("tp2 dp2 sp mb2", "pp2 dp2 interleaved v2 zero2")
       for mode in ("selective", "full")),
 ]
 
