@@ -144,6 +144,9 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
         resolve_precision(args.precision, args.dtype)
     except ValueError as exc:
         problems.append(str(exc))
+    if args.zero == 3 and args.precision != "fp32":
+        problems.append(f"--zero 3 keeps the parameters it shards in the model's dtype, with no "
+                        f"fp32 masters; it does not apply to --precision {args.precision}")
     if args.teacher and args.precision != "fp32":
         problems.append(f"--teacher computes the distillation loss in fp32; it does not "
                         f"apply to --precision {args.precision}")
@@ -231,7 +234,8 @@ def check_layout(args: argparse.Namespace, world_size: int, batch_size: int,
         world_for_rules, dp, tp, pp, batch_size=batch_size, microbatches=args.microbatches,
         n_layer=shape["n_layer"], n_head=shape["n_head"], d_model=shape["d_model"],
         virtual_stages=args.virtual_stages, schedule=args.schedule, zero=args.zero,
-        sequence_parallel=args.sequence_parallel, seq_len=shape["seq_len"])
+        sequence_parallel=args.sequence_parallel, seq_len=shape["seq_len"],
+        allreduce=args.allreduce)
     return dp, tp, pp
 
 
@@ -285,7 +289,8 @@ def train_config(args: argparse.Namespace, batch_size: int) -> TrainConfig:
         virtual_stages=args.virtual_stages, zero=args.zero, bucket_mb=args.bucket_mb,
         overlap=not args.no_overlap, allreduce=args.allreduce,
         dp_strategy=args.dp_strategy.replace("-", "_"),
-        sequence_parallel=args.sequence_parallel, teacher=args.teacher,
+        sequence_parallel=args.sequence_parallel, recompute=args.recompute,
+        teacher=args.teacher,
         distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature)
 
 
@@ -444,8 +449,7 @@ def report(run: Run) -> None:
     all_totals = world.allgather_object(
         {f"{op}|{group}": v for (op, group), v in world.tracer.totals().items()})
     peaks = world.allgather_object(peak_memory_bytes())
-    memory = world.allgather_object(
-        memory_record(run.memory, run.trainer.precision.compute.itemsize))
+    memory = world.allgather_object(memory_record(run.memory))
     pipeline = gather_pipeline_report(run)
     if run.args.trace:
         write_trace(run)

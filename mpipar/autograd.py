@@ -42,6 +42,17 @@ def no_grad() -> Iterator[None]:
         _GradMode.enabled = previous
 
 
+@contextlib.contextmanager
+def enable_grad() -> Iterator[None]:
+    """Within this block operations record a graph again, even inside ``no_grad``."""
+    previous = _GradMode.enabled
+    _GradMode.enabled = True
+    try:
+        yield
+    finally:
+        _GradMode.enabled = previous
+
+
 def is_grad_enabled() -> bool:
     return _GradMode.enabled
 
@@ -271,6 +282,59 @@ def topological_order(root: Tensor) -> list[Tensor]:
             if parent.requires_grad and id(parent) not in visited:
                 stack.append((parent, False))
     return order
+
+
+# ---- activation recomputation ------------------------------------------------------------------
+
+
+class Checkpoint(Function):
+    """Keep a function's input instead of its graph, and run it again during backward.
+
+    forward:  y = f(x), computed under `no_grad`, so that nothing f computes is kept: the
+              context holds x alone (Chen et al. 2016, "Training deep nets with sublinear
+              memory cost").
+    backward: y = f(x) again, this time recording its graph from a fresh leaf x, and
+              dL/dy backpropagated through it. The parameters f uses are leaves of that
+              inner graph: their gradients accumulate into ``.grad`` and their hooks fire
+              there, exactly as in a pass without recomputation. dL/dx goes on outward.
+
+    The tensor inputs after x are f's parameters. They are inputs only so that the output
+    needs a gradient whenever one of them does (and a reader of the graph sees them);
+    ``backward`` returns None for them, since their gradients have already been stored. So a
+    parameter used inside f must not also be used outside it in the same graph.
+
+    The second run computes the same numbers as the first, bit for bit: the same operations
+    on the same input array, and f must draw any randomness from a key it is given (dropout
+    masks from (seed, step, site)), never from a stream that advances.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *params, fn):
+        with no_grad():
+            y = fn(Tensor(x))
+        ctx.save_for_backward(x)
+        ctx.fn = fn
+        return y.data
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved
+        leaf = Tensor(x, requires_grad=ctx.needs_input_grad[0])
+        with enable_grad():
+            y = ctx.fn(leaf)
+        run_backward(y, g)
+        return (leaf.grad, *(None for _ in ctx.needs_input_grad[1:]))
+
+
+def checkpoint(fn: Callable[[Tensor], Tensor], x: Tensor, params: Iterable[Tensor]) -> Tensor:
+    """``fn(x)``, keeping only x for backward and recomputing the rest then (`Checkpoint`).
+
+    ``params`` are the parameters ``fn`` uses. Outside a graph (``no_grad``) this is plain
+    ``fn(x)``.
+    """
+    if not _GradMode.enabled:
+        return fn(x)
+    return Checkpoint.apply(x, *params, fn=fn)
 
 
 # ---- what backward keeps ----------------------------------------------------------------------

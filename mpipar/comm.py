@@ -473,6 +473,20 @@ class Comm:
         req = self.mpi.Iallreduce(MPI.IN_PLACE, staged, op=mpi_op)
         return Request(self, req, "iallreduce", None, buf, staged, True, start)
 
+    def iallgather(self, buf: Any) -> Request:
+        """Start an in-place all-gather: ``buf`` (flat) is ``size`` equal blocks, block r
+        holding rank r's contribution on rank r; after ``wait`` every block holds its rank's.
+
+        In place, so the buffer handed to the call, and traced, is the whole of ``buf``.
+        """
+        if buf.size % self.size:
+            raise ValueError(f"iallgather: {buf.size} elements do not split into {self.size} "
+                             "equal blocks")
+        start = self._launch_time()
+        staged = _staged(buf, copy_in=True)
+        req = self.mpi.Iallgather(MPI.IN_PLACE, staged)
+        return Request(self, req, "iallgather", None, buf, staged, True, start)
+
     wait_all = staticmethod(wait_all)
 
     # ---- groups and control messages ---------------------------------------------------

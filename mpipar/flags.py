@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from mpipar.grid import SCHEDULES, ZERO_STAGES
-from mpipar.model import PRESETS
+from mpipar.model import PRESETS, RECOMPUTE_MODES
 from mpipar.precision import PRECISIONS
 from mpipar.training import EVAL_TOKENS
 from mpipar.watchdog import FACTOR, FLOOR_S, STARTUP_LIMIT_S, TIMED_STEPS
@@ -175,13 +175,15 @@ def add_parallelism_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--virtual-stages", type=positive_int, default=1,
                    help="model chunks per pipeline rank (--schedule interleaved)")
     g.add_argument("--zero", type=int, choices=ZERO_STAGES, default=0,
-                   help="ZeRO stage: 1 shards AdamW's state over dp, 2 its gradients too")
+                   help="ZeRO stage: 1 shards AdamW's state over dp, 2 its gradients too, 3 "
+                        "the parameters too (each block gathered around its use)")
     g.add_argument("--dp-strategy", choices=["per-param", "flat", "bucketed"],
                    default="bucketed", help="how data parallelism all-reduces gradients")
     g.add_argument("--bucket-mb", type=positive_float, default=1.0,
                    help="gradient bucket size in MiB (--dp-strategy bucketed)")
     g.add_argument("--no-overlap", action="store_true",
-                   help="all-reduce buckets after backward instead of during it")
+                   help="all-reduce buckets after backward instead of during it (--zero 3: "
+                        "gather each block when it runs, not during the one before)")
     g.add_argument("--allreduce", choices=["mpi", "ring"], default="mpi",
                    help="data-parallel all-reduce: MPI's, or the ring written out in mpipar")
     g.add_argument("--sequence-parallel", action="store_true",
@@ -191,6 +193,10 @@ def add_parallelism_flags(g: argparse._ArgumentGroup) -> None:
                         "step finished, no communication call returned) for SECONDS; 0 "
                         f"disables it (default: {STARTUP_LIMIT_S:g} until {TIMED_STEPS} steps "
                         f"have run, then max({FLOOR_S:g}, {FACTOR:g} × the slowest of them))")
+    g.add_argument("--recompute", choices=RECOMPUTE_MODES, default="none",
+                   help="what a block keeps for backward: everything; all but the attention "
+                        "core, recomputed (selective); only its input, the block recomputed "
+                        "(full). The numbers are the same")
 
 
 def add_distillation_flags(g: argparse._ArgumentGroup) -> None:

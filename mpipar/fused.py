@@ -71,11 +71,16 @@ def _row_blocks(a) -> list[slice]:
 
 def _batch_blocks(scores) -> list[slice]:
     """Slices of the batch axis of (B, H, T, T) scores, about CACHE_BLOCK elements each."""
-    per_row = scores[0].size if scores.shape[0] else 1
-    if array_module(scores).__name__ != "numpy":
-        return [slice(0, scores.shape[0])]
+    return _sequence_blocks(scores.shape[0], scores[0].size if scores.shape[0] else 1,
+                            array_module(scores))
+
+
+def _sequence_blocks(b: int, per_row: int, xp) -> list[slice]:
+    """`_batch_blocks` of B = ``b`` sequences whose scores take ``per_row`` elements each."""
+    if xp.__name__ != "numpy":
+        return [slice(0, b)]
     step = max(1, CACHE_BLOCK // max(per_row, 1))
-    return [slice(i, i + step) for i in range(0, scores.shape[0], step)]
+    return [slice(i, i + step) for i in range(0, b, step)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +262,21 @@ def causal_mask_bias(t: int, xp, dtype):
     return bias
 
 
+def attention_probs(q, k, scale: float, bias, out):
+    """P = softmax(Q Kᵀ·scale + bias) over the last axis, written into ``out`` (b, H, T, T).
+
+    One sequence block of `CausalAttention`; backward calls it again to recompute P.
+    """
+    xp = array_module(out)
+    xp.matmul(q, k.swapaxes(-1, -2), out=out)
+    out *= scale
+    out += bias
+    out -= out.max(axis=-1, keepdims=True)
+    xp.exp(out, out=out)
+    out /= out.sum(axis=-1, keepdims=True)
+    return out
+
+
 class CausalAttention(Function):
     """Multi-head causal self-attention from packed projections.
 
@@ -266,10 +286,16 @@ class CausalAttention(Function):
     dQ = dS K/√D,  dK = dSᵀ Q/√D  (P̃ = P ⊙ drop; drop is the scaled dropout mask or 1).
     For 16-bit qkv the scores and the softmax are fp32; P is kept rounded to 16 bits, and
     P̃ V is a 16-bit product (fp32 accumulation).
+
+    ``recompute`` (selective recomputation, Korthikanti et al. 2022): keep only q, k and v,
+    not the (B, H, T, T) arrays P, P̃ and drop, whose size grows with T², and compute P again
+    in backward, one block of sequences at a time, with the same operations (so the same
+    bits). ``drop_mask`` may then be a function that draws the mask again, so that the mask
+    is not kept either.
     """
 
     @staticmethod
-    def forward(ctx, qkv, n_head, drop_mask=None):
+    def forward(ctx, qkv, n_head, drop_mask=None, recompute=False):
         xp = array_module(qkv)
         b, t, c3 = qkv.shape
         c = c3 // 3
@@ -280,39 +306,41 @@ class CausalAttention(Function):
         acc = accumulate_dtype(qkv.dtype)
         scale = 1.0 / math.sqrt(d)
         bias = causal_mask_bias(t, xp, acc)
+        mask = drop_mask() if callable(drop_mask) else drop_mask
         p = xp.empty((b, n_head, t, t), dtype=qkv.dtype)  # (B, H, T, T), kept for backward
-        pd = p if drop_mask is None else xp.empty_like(p)
+        pd = p if mask is None else xp.empty_like(p)
         y = xp.empty((b, t, n_head, d), dtype=qkv.dtype)  # heads side by side, as returned
         # A few sequences at a time, so each (H, T, T) block of scores stays in cache through
         # the whole softmax instead of streaming the full (B, H, T, T) array seven times.
         for rows in _batch_blocks(p):
             sb = p[rows] if p.dtype == acc else xp.empty(p[rows].shape, dtype=acc)
-            xp.matmul(qc[rows], kc[rows].swapaxes(-1, -2), out=sb)
-            sb *= scale
-            sb += bias
-            sb -= sb.max(axis=-1, keepdims=True)
-            xp.exp(sb, out=sb)
-            sb /= sb.sum(axis=-1, keepdims=True)
+            attention_probs(qc[rows], kc[rows], scale, bias, sb)
             if p.dtype != acc:
                 p[rows] = sb  # the probabilities, rounded to 16 bits
-            if drop_mask is not None:
-                xp.multiply(sb, drop_mask[rows], out=pd[rows])
+            if mask is not None:
+                xp.multiply(sb, mask[rows], out=pd[rows])
             y[rows] = (pd[rows] @ vc[rows]).transpose(0, 2, 1, 3)
-        ctx.save_for_backward(q, k, v, p, pd, drop_mask)
-        ctx.scale = scale
+        if recompute:
+            ctx.save_for_backward(q, k, v, None, None, None)
+            ctx.drop_mask = drop_mask  # the function that draws it, or the mask itself
+        else:
+            ctx.save_for_backward(q, k, v, p, pd, mask)
+        ctx.scale, ctx.recompute, ctx.dtype = scale, recompute, qkv.dtype
         return y.reshape(b, t, c)
 
     @staticmethod
     def backward(ctx, g):
         q, k, v, p, pd, drop_mask = ctx.saved
+        if ctx.recompute:
+            drop_mask = ctx.drop_mask() if callable(ctx.drop_mask) else ctx.drop_mask
         q, k, v = upcast(q), upcast(k), upcast(v)
         xp = array_module(g)
         b, h, t, d = q.shape
         gy = upcast(g).reshape(b, t, h, d).transpose(0, 2, 1, 3)  # (B, H, T, D)
         out = xp.empty((b, t, 3, h, d), dtype=g.dtype)
-        for rows in _batch_blocks(p):
-            gyb, pb = gy[rows], upcast(p[rows])
-            out[rows, :, 2] = (pd[rows].swapaxes(-1, -2) @ gyb).transpose(0, 2, 1, 3)  # dV
+        for rows, pb, pdb in _probability_blocks(ctx, q, k, p, pd, drop_mask):
+            gyb = gy[rows]
+            out[rows, :, 2] = (pdb.swapaxes(-1, -2) @ gyb).transpose(0, 2, 1, 3)  # dV
             dp = gyb @ v[rows].swapaxes(-1, -2)  # (b', H, T, T)
             if drop_mask is not None:
                 dp *= drop_mask[rows]
@@ -322,3 +350,32 @@ class CausalAttention(Function):
             out[rows, :, 0] = (dp @ k[rows]).transpose(0, 2, 1, 3)  # dQ
             out[rows, :, 1] = (dp.swapaxes(-1, -2) @ q[rows]).transpose(0, 2, 1, 3)  # dK
         return (out.reshape(b, t, 3 * h * d),)
+
+
+def _probability_blocks(ctx, q, k, p, pd, drop_mask):
+    """``(rows, P, P ⊙ drop)`` for each block of sequences, for `CausalAttention.backward`.
+
+    P comes in the accumulate dtype, P ⊙ drop as the forward pass kept it. These are the
+    saved arrays' blocks; or, with ``ctx.recompute``, each block computed again from q and k
+    (already in the accumulate dtype) into a scratch buffer of one block, with the forward
+    pass's operations and roundings: P rounded to 16 bits for 16-bit attention, and P ⊙ drop
+    the product of the unrounded P, rounded once.
+    """
+    if not ctx.recompute:
+        for rows in _batch_blocks(p):
+            yield rows, upcast(p[rows]), pd[rows]
+        return
+    xp = array_module(q)
+    b, h, t, _ = q.shape
+    bias = causal_mask_bias(t, xp, q.dtype)
+    blocks = _sequence_blocks(b, h * t * t, xp)
+    scratch = xp.empty((min(blocks[0].stop, b), h, t, t), dtype=q.dtype)  # the largest block
+    scratch_d = None if drop_mask is None else xp.empty(scratch.shape, dtype=ctx.dtype)
+    for rows in blocks:
+        n = min(rows.stop, b) - rows.start
+        sb = attention_probs(q[rows], k[rows], ctx.scale, bias, scratch[:n])
+        kept = narrow(sb, ctx.dtype)  # P as the forward pass kept it
+        if drop_mask is None:
+            yield rows, upcast(kept), kept
+        else:
+            yield rows, upcast(kept), xp.multiply(sb, drop_mask[rows], out=scratch_d[:n])

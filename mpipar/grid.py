@@ -32,7 +32,7 @@ from mpipar.comm import Comm, world_size_and_rank
 from mpipar.trace import Tracer
 
 SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved")
-ZERO_STAGES = (0, 1, 2)
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 class ConfigError(ValueError):
@@ -85,6 +85,7 @@ def validate_layout(
     zero: int = 0,
     sequence_parallel: bool = False,
     seq_len: int | None = None,
+    allreduce: str = "mpi",
 ) -> None:
     """Check that a model and batch can be split over a dp × tp × pp grid.
 
@@ -102,7 +103,9 @@ def validate_layout(
       (Megatron-LM's rule: microbatches go round the stages in groups of pp); the other
       schedules take one chunk per rank (``virtual_stages == 1``).
     * sequence parallelism splits the sequence over tp ranks: ``seq_len % tp == 0``.
-    * ``zero`` is 0 (off), 1 (shard optimizer state) or 2 (also shard gradients).
+    * ``zero`` is 0 (off), 1 (shard optimizer state), 2 (also shard gradients) or 3 (also
+      shard parameters). Stage 3 gathers and reduce-scatters with MPI's collectives, so it
+      does not take ``allreduce="ring"``, the ring that ZeRO-1/2's two halves can be.
 
     Every violated rule is reported, in one :class:`ConfigError` (:func:`layout_problems`
     lists them without raising).
@@ -110,7 +113,8 @@ def validate_layout(
     problems = layout_problems(
         world_size, dp, tp, pp, batch_size=batch_size, microbatches=microbatches,
         n_layer=n_layer, n_head=n_head, d_model=d_model, virtual_stages=virtual_stages,
-        schedule=schedule, zero=zero, sequence_parallel=sequence_parallel, seq_len=seq_len)
+        schedule=schedule, zero=zero, sequence_parallel=sequence_parallel, seq_len=seq_len,
+        allreduce=allreduce)
     if problems:
         raise problems_error(problems)
 
@@ -118,7 +122,8 @@ def validate_layout(
 def layout_problems(world_size: int, dp: int, tp: int, pp: int, *, batch_size: int,
                     microbatches: int, n_layer: int, n_head: int, d_model: int,
                     virtual_stages: int = 1, schedule: str = "1f1b", zero: int = 0,
-                    sequence_parallel: bool = False, seq_len: int | None = None) -> list[str]:
+                    sequence_parallel: bool = False, seq_len: int | None = None,
+                    allreduce: str = "mpi") -> list[str]:
     """The rules of :func:`validate_layout` that a layout breaks, one line each."""
     sizes = {
         "--dp": dp, "--tp": tp, "--pp": pp, "--batch-size": batch_size,
@@ -131,7 +136,7 @@ def layout_problems(world_size: int, dp: int, tp: int, pp: int, *, batch_size: i
     return (_grid_problems(world_size, dp, tp, pp, batch_size, microbatches)
             + _shape_problems(tp, pp, virtual_stages, n_layer, n_head, d_model)
             + _schedule_problems(schedule, pp, microbatches, virtual_stages)
-            + _option_problems(tp, sequence_parallel, seq_len, zero))
+            + _option_problems(tp, sequence_parallel, seq_len, zero, allreduce))
 
 
 def _grid_problems(world_size: int, dp: int, tp: int, pp: int, batch_size: int,
@@ -191,7 +196,7 @@ def _schedule_problems(schedule: str, pp: int, microbatches: int,
 
 
 def _option_problems(tp: int, sequence_parallel: bool, seq_len: int | None,
-                     zero: int) -> list[str]:
+                     zero: int, allreduce: str) -> list[str]:
     problems = []
     if sequence_parallel and tp > 1:
         if seq_len is None:
@@ -201,7 +206,11 @@ def _option_problems(tp: int, sequence_parallel: bool, seq_len: int | None,
                 f"--sequence-parallel needs --seq-len {seq_len} divisible by --tp {tp}"
             )
     if zero not in ZERO_STAGES:
-        problems.append(f"--zero {zero} is not one of 0, 1, 2")
+        problems.append(f"--zero {zero} is not one of {', '.join(map(str, ZERO_STAGES))}")
+    if zero == 3 and allreduce == "ring":
+        problems.append("--zero 3 gathers parameters and reduce-scatters gradients with MPI's "
+                        "collectives; --allreduce ring (ZeRO-1/2's two halves written as a "
+                        "ring) does not apply to it")
     return problems
 
 

@@ -73,11 +73,11 @@ def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def memory_record(memory: dict[str, int], itemsize: int) -> dict[str, int]:
+def memory_record(memory: dict[str, int]) -> dict[str, int]:
     """This rank's memory for the summary, in bytes: its parameters, gradient storage and
-    optimizer state (from a ZeRO memory report, ``memory``, of elements of ``itemsize``
-    bytes), and the peak resident memory of the whole process."""
-    return {"parameters": memory["params"] * itemsize, "gradients": memory["grad_bytes"],
+    optimizer state (from a ZeRO memory report, ``memory``), and the peak resident memory
+    of the whole process."""
+    return {"parameters": memory["param_bytes"], "gradients": memory["grad_bytes"],
             "optimizer_state": memory["optimizer_state_bytes"], "peak": peak_memory_bytes()}
 
 

@@ -9,6 +9,11 @@ Generation passes a :class:`mpipar.kv_cache.KVCache` (``cache=``): the embedding
 each row at its cached length, and each attention layer attends over, and appends to, its
 cached keys and values instead of recomputing the prefix.
 
+Recomputation (``GPT.set_recompute``): ``"full"`` keeps only each block's input during the
+forward pass and runs the block again during backward (:func:`mpipar.autograd.checkpoint`);
+``"selective"`` keeps everything but the attention core, whose (B, H, T, T) probabilities are
+computed again in backward. Losses and gradients are the same bits as without it.
+
 The same classes serve every parallel layout. Which linear and embedding layers are built
 comes from a ``layers`` object: ``SerialLayers`` here, a tensor-parallel one elsewhere with the
 same methods (column-/row-parallel linears, vocab-parallel embedding and loss). A pipeline
@@ -30,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from mpipar import ops
-from mpipar.autograd import Tensor
+from mpipar.autograd import Tensor, checkpoint
 from mpipar.backend import get_xp
 from mpipar.kv_cache import KVCache
 from mpipar.nn import (
@@ -79,6 +84,9 @@ class GPTConfig:
     def with_(self, **changes: Any) -> GPTConfig:
         return replace(self, **changes)
 
+
+# What a block keeps for backward (docs/design.md §2 --recompute).
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 # docs/design.md §2 presets: model shape and the default global batch size (sequences).
 PRESETS: dict[str, dict[str, int]] = {
@@ -193,6 +201,7 @@ class CausalSelfAttention(Module):
         self.qkv = layers.column_linear(d, 3 * d, 0.02, qkv=True)
         self.proj = layers.row_linear(d, d, residual_std(cfg.n_layer))
         self.attn_drop = Dropout(cfg.dropout, site)
+        self.recompute_core = False  # selective recomputation: P is computed again in backward
 
     def forward(self, x: Tensor, layout: SequenceLayout, key: DropoutKey | None = None,
                 cache: KVCache | None = None) -> Tensor:
@@ -201,15 +210,28 @@ class CausalSelfAttention(Module):
             return self.proj(cache.attend(self.layer, qkv, self.n_local_heads), layout)
         mask = None
         if self.attn_drop.active(key):
-            b, t = x.shape[0], qkv.shape[1]
-            # Attention probabilities are (B, H, T, T); under sequence parallelism the
-            # queries' sequence axis is gathered back inside qkv, so T is the full length.
-            full = (key.global_batch, self.n_head, t, t)
-            mask = self.attn_drop.mask_from_full(key, full, self.head_index)
-            mask = mask.astype(qkv.dtype, copy=False)
-            assert mask.shape[0] == b
-        y = ops.causal_attention(qkv, self.n_local_heads, mask)  # (B, T, C_local)
+            draw = self.mask_drawer(key, x.shape[0], qkv)
+            # With selective recomputation the mask is drawn again in backward, not kept.
+            mask = draw if self.recompute_core else draw()
+        y = ops.causal_attention(qkv, self.n_local_heads, mask,
+                                 recompute=self.recompute_core)  # (B, T, C_local)
         return self.proj(y, layout)
+
+    def mask_drawer(self, key: DropoutKey, b: int, qkv: Tensor) -> Any:
+        """A function returning this rank's scaled dropout mask of the probabilities.
+
+        Attention probabilities are (B, H, T, T); under sequence parallelism the queries'
+        sequence axis is gathered back inside qkv, so T is the full length.
+        """
+        t = qkv.shape[1]
+        full = (key.global_batch, self.n_head, t, t)
+
+        def draw() -> Any:
+            mask = self.attn_drop.mask_from_full(key, full, self.head_index)
+            assert mask.shape[0] == b
+            return mask.astype(qkv.dtype, copy=False)
+
+        return draw
 
 
 class MLP(Module):
@@ -247,9 +269,20 @@ class Block(Module):
         self.mlp = MLP(cfg, layers)
         self.drop_attn = Dropout(cfg.dropout, site=3 * index + 2)
         self.drop_mlp = Dropout(cfg.dropout, site=3 * index + 3)
+        self.recompute = "none"  # one of RECOMPUTE_MODES (GPT.set_recompute)
 
     def forward(self, x: Tensor, layout: SequenceLayout, key: DropoutKey | None = None,
                 cache: KVCache | None = None) -> Tensor:
+        """x (B, T/parts, d) → the same shape. With ``recompute == "full"`` (and no cache)
+        only x is kept for backward, which runs the block again (`autograd.checkpoint`)."""
+        if self.recompute == "full" and cache is None:
+            return checkpoint(lambda h: self.residual_branches(h, layout, key), x,
+                              self.parameters())
+        return self.residual_branches(x, layout, key, cache)
+
+    def residual_branches(self, x: Tensor, layout: SequenceLayout,
+                          key: DropoutKey | None = None, cache: KVCache | None = None) -> Tensor:
+        """x + attn(ln_1(x)), then + mlp(ln_2(·)), each branch through its dropout."""
         x = x + residual_dropout(self.drop_attn, self.attn(self.ln_1(x), layout, key, cache),
                                  key, layout)
         x = x + residual_dropout(self.drop_mlp, self.mlp(self.ln_2(x), layout), key, layout)
@@ -285,6 +318,16 @@ class GPT(Module):
         self.name_parameters()
         if pre and post:
             self.wte.weight.tied = True
+
+    def set_recompute(self, mode: str) -> None:
+        """What each block keeps for backward: ``"none"`` (every array its operations save),
+        ``"selective"`` (all but the attention core's (B, H, T, T) arrays) or ``"full"`` (its
+        input only). The numbers computed are the same in every mode."""
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {mode!r}")
+        for block in self.blocks:
+            block.recompute = mode
+            block.attn.recompute_core = mode == "selective"
 
     def embed(self, idx: Any, layout: SequenceLayout, key: DropoutKey | None = None,
               cache: KVCache | None = None) -> Tensor:
@@ -346,5 +389,5 @@ def build_model(cfg: GPTConfig, seed: int, layers: SerialLayers | None = None,
     return model
 
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "SequenceLayout", "SerialLayers", "SerialLinear",
-           "Init", "build_model", "flops_per_token", "matmul_params"]
+__all__ = ["GPT", "GPTConfig", "PRESETS", "RECOMPUTE_MODES", "SequenceLayout", "SerialLayers",
+           "SerialLinear", "Init", "build_model", "flops_per_token", "matmul_params"]

@@ -540,6 +540,7 @@ def cross_entropy(logits: Tensor, targets) -> Tensor:
     return fused.CrossEntropy.apply(logits, targets=targets)
 
 
-def causal_attention(qkv: Tensor, n_head: int, drop_mask=None) -> Tensor:
-    return fused.CausalAttention.apply(qkv, n_head=n_head, drop_mask=drop_mask)
+def causal_attention(qkv: Tensor, n_head: int, drop_mask=None, recompute: bool = False) -> Tensor:
+    return fused.CausalAttention.apply(qkv, n_head=n_head, drop_mask=drop_mask,
+                                       recompute=recompute)
 

@@ -84,6 +84,7 @@ class TrainConfig:
     allreduce: str = "mpi"
     dp_strategy: str = "bucketed"
     sequence_parallel: bool = False
+    recompute: str = "none"  # what each block keeps for backward (model.RECOMPUTE_MODES)
     teacher: str | None = None  # checkpoint directory of a teacher to distil from
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
@@ -125,15 +126,25 @@ class Trainer:
         if self.grid.pp == 1:
             model = GPT(self.cfg, self.layers)
             model.initialize(self.tc.seed)
-            return [model]
-        from mpipar.parallel.pipeline.stages import build_stage_chunks
+            chunks = [model]
+        else:
+            from mpipar.parallel.pipeline.stages import build_stage_chunks
 
-        return build_stage_chunks(self.cfg, self.layers, self.grid, self.tc.virtual_stages,
-                                  self.tc.seed)
+            chunks = build_stage_chunks(self.cfg, self.layers, self.grid,
+                                        self.tc.virtual_stages, self.tc.seed)
+        for chunk in chunks:
+            chunk.set_recompute(self.tc.recompute)
+        return chunks
 
     def _make_grad_sync(self):
         if self.grid.dp == 1:
             return None
+        if self.tc.zero == 3:  # the parameters themselves are sharded: the blocks are wrapped
+            from mpipar.parallel.zero3 import ShardedParameters
+
+            replicated_sum = self.layers.sync_replicated_grads if self.grid.tp > 1 else None
+            return ShardedParameters(self.chunks, self.grid.dp_comm, prefetch=self.tc.overlap,
+                                     replicated_sum=replicated_sum)
         from mpipar.parallel.zero import make_grad_sync
 
         return make_grad_sync(self.params, self.grid.dp_comm, strategy=self.tc.dp_strategy,
@@ -143,6 +154,12 @@ class Trainer:
     def _make_optimizer(self):
         """SGD or AdamW; sharded (ZeRO); over fp32 masters of 16-bit parameters."""
         tc = self.tc
+        if tc.zero == 3 and self.grid.dp > 1:  # full precision only (train.py refuses 16 bits)
+            from mpipar.parallel.zero3 import Zero3AdamW
+
+            return Zero3AdamW(self.params, self.grad_sync, lr=tc.lr,
+                              weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2),
+                              eps=tc.eps)
         masters = (make_masters(self.params, tc.seed, self.dtype) if self.precision.half
                    else None)
         if tc.zero and self.grid.dp > 1:
@@ -167,7 +184,11 @@ class Trainer:
             return None
         from mpipar.parallel.pipeline.executor import PipelineExecutor
 
-        return PipelineExecutor(self.chunks, self.grid, self.tc, self.tracer)
+        # ZeRO-3's gathered parameters live in buffers of its own: not activation memory.
+        zero3 = self.grad_sync is not None and self.grad_sync.zero == 3
+        buffers = self.grad_sync.parameter_buffers() if zero3 else []
+        return PipelineExecutor(self.chunks, self.grid, self.tc, self.tracer,
+                                parameter_memory=buffers)
 
     def _make_distillation(self):
         """The teacher and the mixed loss (`mpipar.distill`), with --teacher; else None."""

@@ -187,6 +187,17 @@ def run_equivalence(n: int, spec: dict, timeout: float = 120) -> dict:
                                     timeout=timeout))
 
 
+def equivalence_checks(layout: dict) -> list[str]:
+    """The checks ``equivalence.py`` reports for one layout: four against the 1-process run,
+    and one more with ``same_bits_as``."""
+    name = layout["name"]
+    checks = [f"{name}: {what}" for what in ("losses", "grad norms", "parameters",
+                                             "optimizer state")]
+    if "same_bits_as" in layout:
+        checks.append(f"{name}: same bits as {layout['same_bits_as']}")
+    return checks
+
+
 def assert_check_passed(verdict: dict, name: str) -> None:
     """Fail unless the check ``name`` ran in ``verdict`` and no rank reported a failure."""
     failures = verdict.get(name)

@@ -122,7 +122,7 @@ def test_valid_layouts(world, dp, tp, pp, overrides):
      "--sequence-parallel needs --seq-len 30 divisible by --tp 4"),
     (2, 1, 2, 1, {"sequence_parallel": True},
      "--sequence-parallel needs the sequence length (--seq-len)"),
-    (2, 2, 1, 1, {"zero": 3}, "--zero 3 is not one of 0, 1, 2"),
+    (2, 2, 1, 1, {"zero": 4}, "--zero 4 is not one of 0, 1, 2, 3"),
     (2, 0, 1, 1, {}, "--dp must be at least 1, got 0"),
     (2, 2, 1, 1, {"microbatches": 0}, "--microbatches must be at least 1, got 0"),
     (2, 1, 1, 2, {"virtual_stages": 0}, "--virtual-stages must be at least 1, got 0"),

@@ -30,7 +30,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import check_ok, describe_run, python_subprocess, train_subprocess
-from mpi_util import assert_check_passed, parse_verdict, run_equivalence, run_mpi_ok, script
+from mpi_util import (
+    assert_check_passed,
+    equivalence_checks,
+    parse_verdict,
+    run_equivalence,
+    run_mpi_ok,
+    script,
+)
 
 from mpipar import ops
 from mpipar.autograd import Tensor
@@ -178,6 +185,13 @@ EQUIVALENCE = {
          "train": {"schedule": "interleaved", "virtual_stages": 2, "microbatches": 2}},
         {"name": "pp2 interleaved v2 m4", "pp": 2,
          "train": {"schedule": "interleaved", "virtual_stages": 2, "microbatches": 4}},
+        {"name": "pp2 1f1b m3 full recompute", "pp": 2,
+         "train": {**S1F1B, "microbatches": 3, "batch_size": 6, "recompute": "full"},
+         "same_bits_as": "pp2 1f1b m3"},
+        {"name": "pp2 interleaved v2 m4 selective recompute", "pp": 2,
+         "train": {"schedule": "interleaved", "virtual_stages": 2, "microbatches": 4,
+                   "recompute": "selective"},
+         "same_bits_as": "pp2 interleaved v2 m4"},
     ]),
     "pp4": (4, {"n_layer": 8}, [
         {"name": "pp4 naive m2", "pp": 4, "train": {"schedule": "naive", "microbatches": 2}},
@@ -201,6 +215,11 @@ EQUIVALENCE = {
          "train": {"schedule": "gpipe", "microbatches": 4}},
         {"name": "pp2 tp2 sp 1f1b m4", "pp": 2, "tp": 2,
          "train": {**S1F1B, "microbatches": 4, "sequence_parallel": True}},
+        {"name": "pp2 dp2 1f1b m2 zero3", "pp": 2, "dp": 2,
+         "train": {**S1F1B, "microbatches": 2, "zero": 3}},
+        {"name": "pp2 dp2 interleaved v2 m2 zero3 full recompute", "pp": 2, "dp": 2,
+         "train": {"schedule": "interleaved", "virtual_stages": 2, "microbatches": 2,
+                   "zero": 3, "recompute": "full"}},
     ]),
     "pp2 x tp2 x dp2": (8, {"dropout": 0.1}, [
         {"name": "pp2 tp2 dp2 1f1b m2", "pp": 2, "tp": 2, "dp": 2,
@@ -208,12 +227,18 @@ EQUIVALENCE = {
         {"name": "pp2 tp2 dp2 sp interleaved v2 m2", "pp": 2, "tp": 2, "dp": 2,
          "train": {"schedule": "interleaved", "virtual_stages": 2, "microbatches": 2,
                    "sequence_parallel": True}},
+        {"name": "pp2 tp2 dp2 sp interleaved v2 m2 full recompute", "pp": 2, "tp": 2, "dp": 2,
+         "train": {"schedule": "interleaved", "virtual_stages": 2, "microbatches": 2,
+                   "sequence_parallel": True, "recompute": "full"},
+         "same_bits_as": "pp2 tp2 dp2 sp interleaved v2 m2"},
+        {"name": "pp2 tp2 dp2 sp 1f1b m2 zero3", "pp": 2, "tp": 2, "dp": 2,
+         "train": {**S1F1B, "microbatches": 2, "sequence_parallel": True, "zero": 3}},
     ]),
 }
-EQUIVALENCE_CHECKS = [(launch, f"{layout['name']}: {what}")
+EQUIVALENCE_CHECKS = [(launch, check)
                       for launch, (_, _, layouts) in EQUIVALENCE.items()
                       for layout in layouts
-                      for what in ("losses", "grad norms", "parameters", "optimizer state")]
+                      for check in equivalence_checks(layout)]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,14 @@ import time
 
 import pytest
 from conftest import TINY_ARGS, check_ok, describe_run
-from mpi_util import assert_check_passed, parse_verdict, run_equivalence, run_mpi_ok, script
+from mpi_util import (
+    assert_check_passed,
+    equivalence_checks,
+    parse_verdict,
+    run_equivalence,
+    run_mpi_ok,
+    script,
+)
 
 # ---- layers, mappings, loss, trace counts, generation (tp_checks.py) -----------------------
 
@@ -82,25 +89,33 @@ EQUIVALENCE = {
         {"name": "tp2 sp dropout", "tp": 2, "train": SEQ},
         {"name": "tp2 sp dropout 2 microbatches", "tp": 2,
          "train": {**SEQ, "microbatches": 2}},
+        {"name": "tp2 dropout selective recompute", "tp": 2,
+         "train": {"recompute": "selective"}, "same_bits_as": "tp2 dropout"},
+        {"name": "tp2 sp dropout 2 microbatches full recompute", "tp": 2,
+         "train": {**SEQ, "microbatches": 2, "recompute": "full"},
+         "same_bits_as": "tp2 sp dropout 2 microbatches"},
     ]),
     "n4": (4, 0.0, [
         {"name": "tp4", "tp": 4},
         {"name": "tp4 sp", "tp": 4, "train": SEQ},
         {"name": "tp2 dp2", "tp": 2, "dp": 2},
         {"name": "tp2 dp2 zero1", "tp": 2, "dp": 2, "train": {"zero": 1}},
+        {"name": "tp2 dp2 zero3", "tp": 2, "dp": 2, "train": {"zero": 3}},
     ]),
     "n4-dropout": (4, 0.1, [
         {"name": "tp4 sp dropout", "tp": 4, "train": SEQ},
         {"name": "tp2 dp2 sp dropout", "tp": 2, "dp": 2, "train": SEQ},
         {"name": "tp2 dp2 zero1 sp dropout", "tp": 2, "dp": 2, "train": {**SEQ, "zero": 1}},
+        {"name": "tp2 dp2 zero3 sp dropout 2 microbatches", "tp": 2, "dp": 2,
+         "train": {**SEQ, "zero": 3, "microbatches": 2}},
         # a pipeline stage that starts with a block, not the embedding, under sequence
         # parallelism: its residual dropouts must still slice the mask by sequence piece
         {"name": "tp2 pp2 sp dropout", "tp": 2, "pp": 2, "train": {**SEQ, "microbatches": 2}},
     ]),
 }
-EQUIVALENCE_CHECKS = [(launch, f"{layout['name']}: {what}")
+EQUIVALENCE_CHECKS = [(launch, check)
                       for launch, (_, _, layouts) in EQUIVALENCE.items() for layout in layouts
-                      for what in ("losses", "grad norms", "parameters", "optimizer state")]
+                      for check in equivalence_checks(layout)]
 
 
 @pytest.fixture(scope="module")

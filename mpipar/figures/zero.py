@@ -23,7 +23,7 @@ PARTS = (("parameters", 4, RANK_COLORS[0]), ("gradients", 4, RANK_COLORS[1]),
 # (row label, which parts are sharded over dp)
 STAGES = (("plain data parallel", set()), ("ZeRO-1", {"AdamW m and v"}),
           ("ZeRO-2", {"gradients", "AdamW m and v"}),
-          ("ZeRO-3 (not built here)", {"parameters", "gradients", "AdamW m and v"}))
+          ("ZeRO-3", {"parameters", "gradients", "AdamW m and v"}))
 
 
 def held_slice(part: str, sharded: set[str], rank: int, dp: int) -> tuple[Fraction, Fraction]:

@@ -12,12 +12,18 @@ the layers on different stages, and data parallelism keeps dp copies of everythi
 * :func:`load_full_state` is the inverse and needs no communication: each rank cuts its own
   shard out of the full arrays.
 
+Under ZeRO-3 (:mod:`mpipar.parallel.zero3`) a rank holds 1/dp of each block's parameters:
+they are gathered whole for the duration of :func:`full_state` (`ShardedParameters.gathered`),
+and :func:`load_full_state` hands each parameter's local value to the sharded parameters,
+which keep their shard of it.
+
 Which rank counts an element as its own (:func:`owns`) is the same question the global
 gradient norm asks: a sum over ranks must see every element of the model exactly once.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -26,6 +32,7 @@ from mpipar.backend import get_xp, to_numpy
 from mpipar.grid import ProcessGrid
 from mpipar.nn import Parameter
 from mpipar.optim import state_key_param_name
+from mpipar.parallel.zero3 import Zero3AdamW
 
 
 def owns(p: Parameter, grid: ProcessGrid) -> bool:
@@ -99,12 +106,15 @@ def full_state(params: list[Parameter], optimizer: Any, grid: ProcessGrid,
     """
     by_name = {p.name: p for p in params}
     opt_local = optimizer.state_dict()
-    if grid.world.size == 1:
-        return {n: to_numpy(p.data).copy() for n, p in by_name.items()}, opt_local
-    model = {}
-    for name in gather_names(grid, sorted(by_name)):
-        p = by_name.get(name)
-        model[name] = assemble(grid, dtype, p, None if p is None else p.data)
+    whole = (optimizer.sharded.gathered() if isinstance(optimizer, Zero3AdamW)
+             else contextlib.nullcontext())
+    with whole:
+        if grid.world.size == 1:
+            return {n: to_numpy(p.data).copy() for n, p in by_name.items()}, opt_local
+        model = {}
+        for name in gather_names(grid, sorted(by_name)):
+            p = by_name.get(name)
+            model[name] = assemble(grid, dtype, p, None if p is None else p.data)
     opt = {}
     for key in gather_names(grid, sorted(opt_local)):
         owner = state_key_param_name(key)
@@ -122,10 +132,18 @@ def load_full_state(params: list[Parameter], optimizer: Any,
     padded for a vocabulary that tp does not divide (the padding stays zero).
     """
     by_name = {p.name: p for p in params}
+    local_values = {}
     for p in params:
         full = model_state[p.name]
         part = full if p.shard_index is None else full[p.shard_index]
-        p.data[p.local_index] = get_xp().asarray(part.astype(p.data.dtype, copy=False))
+        local = np.zeros(p.shape, dtype=p.dtype)  # the padding of a vocabulary shard stays 0
+        local[p.local_index] = part
+        local_values[id(p)] = local
+    if isinstance(optimizer, Zero3AdamW):
+        optimizer.sharded.load(local_values)
+    else:
+        for p in params:
+            p.data[...] = get_xp().asarray(local_values[id(p)])
     local_opt = {}
     for key, value in opt_state.items():
         owner = state_key_param_name(key)

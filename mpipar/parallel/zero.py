@@ -10,7 +10,7 @@ slice of the optimizer state; stage 2 slices the gradients too:
 
     ZeRO-1:  4Ψ + 4Ψ + 8Ψ/dp          ZeRO-2:  4Ψ + 4Ψ/dp + 8Ψ/dp
 
-(stage 3, not built here, also slices the parameters). The step becomes
+(stage 3, :mod:`mpipar.parallel.zero3`, also slices the parameters). The step becomes
 
 1. **reduce-scatter** the flat gradient buffer: rank r receives the dp-sum of its shard only
    (half the traffic of an all-reduce, which is a reduce-scatter followed by an all-gather);
@@ -61,6 +61,7 @@ from mpipar.nn import Parameter, master_copy, unique_parameters
 from mpipar.optim import AdamW, adamw_update, decay_mask
 from mpipar.parallel.data_parallel import DataParallel
 from mpipar.parallel.ring import chunk_bounds, ring_allgather, ring_reduce_scatter
+from mpipar.parallel.zero3 import Zero3AdamW
 from mpipar.precision import all_finite
 from mpipar.trace import human_bytes
 
@@ -406,6 +407,7 @@ class ZeroAdamW:
             "zero": self.sync.zero,
             "dp": self.comm.size,
             "params": self.sync.numel,
+            "param_bytes": int(self.flat_params.nbytes),
             "optimizer_state_bytes": sum(int(a.nbytes) for a in state),
             "grad_bytes": self.sync.grad_bytes(),
             "baseline_optimizer_state_bytes": len(state) * self.sync.numel * self.m.itemsize,
@@ -415,13 +417,14 @@ class ZeroAdamW:
 
 def memory_report(optimizer: Any, grad_sync: DataParallel | None,
                   params: list[Parameter]) -> dict[str, int]:
-    """The same report for any optimizer: ZeroAdamW's own, or plain AdamW/SGD's (zero 0).
+    """The same report for any optimizer: a ZeRO optimizer's own (`ZeroAdamW`,
+    `mpipar.parallel.zero3.Zero3AdamW`), or plain AdamW/SGD's (zero 0).
 
     For a plain optimizer, optimizer state is the bytes of its state arrays (and of the fp32
     masters under mixed precision) and gradient bytes are the data-parallel flat buffer (or
     one gradient per parameter without dp).
     """
-    if isinstance(optimizer, ZeroAdamW):
+    if isinstance(optimizer, ZeroAdamW | Zero3AdamW):
         return optimizer.memory_report()
     numel = sum(p.size for p in params)
     item = params[0].dtype.itemsize
@@ -430,7 +433,7 @@ def memory_report(optimizer: Any, grad_sync: DataParallel | None,
         state += optimizer.master_bytes()
     grads = grad_sync.grad_bytes() if grad_sync is not None else numel * item
     return {"zero": 0, "dp": grad_sync.dp if grad_sync is not None else 1, "params": numel,
-            "optimizer_state_bytes": state, "grad_bytes": grads,
+            "param_bytes": numel * item, "optimizer_state_bytes": state, "grad_bytes": grads,
             "baseline_optimizer_state_bytes": state, "baseline_grad_bytes": grads}
 
 
@@ -441,5 +444,9 @@ def format_memory_report(r: Mapping[str, int]) -> str:
         now, base = r[f"{key}_bytes"], r[f"baseline_{key}_bytes"]
         return f"{what} {human_bytes(now)} ({now / base:.2f} × {human_bytes(base)})"
 
+    params = ""
+    if r["zero"] == 3:
+        params = (f"{part('parameters', 'param')[:-1]}; "
+                  f"{human_bytes(r['param_buffer_bytes'])} of it gather buffers), ")
     return (f"ZeRO-{r['zero']} over dp {r['dp']}, per rank (× the size without ZeRO): "
-            f"{part('optimizer state', 'optimizer_state')}, {part('gradients', 'grad')}")
+            f"{params}{part('optimizer state', 'optimizer_state')}, {part('gradients', 'grad')}")

@@ -114,10 +114,12 @@ class PipelineExecutor:
     pipeline communicator (ranks = stages) and the embedding group; ``tc`` the schedule name,
     microbatches and virtual stages. The schedule is built and proven deadlock-free by the
     checker (`check_schedule`) before anything runs; ``report`` keeps what it predicted.
+    ``parameter_memory``: arrays besides the parameters' own that hold parameter values
+    (ZeRO-3's gather buffers), which the stash must not count as activations.
     """
 
     def __init__(self, chunks: list[GPT], grid: ProcessGrid, tc: PipelineConfig,
-                 tracer: Tracer) -> None:
+                 tracer: Tracer, parameter_memory: Sequence[Any] = ()) -> None:
         self.chunks, self.grid, self.tracer = chunks, grid, tracer
         self.p, self.r = grid.pp, grid.pp_rank
         self.m, self.v = tc.microbatches, tc.virtual_stages
@@ -140,7 +142,7 @@ class PipelineExecutor:
         self.stats = StashStats()
         self.loss_scale = 1.0  # of the step being run (train_step)
         self._params = [p for c in chunks for p in c.parameters()]
-        self._param_memory = memory_ids(p.data for p in self._params)
+        self._param_memory = memory_ids([*(p.data for p in self._params), *parameter_memory])
         transfers: Dispatch = {
             SendActivation: self._send, SendGrad: self._send,
             RecvActivation: self._recv, RecvGrad: self._recv,
