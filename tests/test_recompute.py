@@ -36,7 +36,6 @@ from mpipar.data import CharTokenizer, make_dataset
 from mpipar.grid import ProcessGrid
 from mpipar.model import GPT, PRESETS, RECOMPUTE_MODES, GPTConfig, flops_per_token
 from mpipar.nn import DropoutKey
-from mpipar.parallel.full_state import full_state
 from mpipar.trace import Tracer
 from mpipar.training import TrainConfig, Trainer
 
@@ -128,19 +127,21 @@ def test_attention_recompute_is_the_same_function(dropout, cache_block, monkeypa
 # ---- whole runs on one process, bit for bit ---------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_training_is_the_same_bits_in_every_mode(dtype):
+@pytest.mark.parametrize("dtype, precision", [("float64", "fp32"), ("float32", "fp32"),
+                                              ("float32", "bf16"), ("float32", "fp16")])
+def test_training_is_the_same_bits_in_every_mode(dtype, precision):
+    """16-bit compute too: a recomputed attention core rounds as the forward pass did."""
     cfg = GPTConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=2, d_model=16, seq_len=8,
                     dtype=dtype, dropout=0.1)
     data = make_dataset(TINY_TEXT, TOK, seq_len=cfg.seq_len)
-    tc = TrainConfig(batch_size=4, microbatches=2, steps=3, eval_every=0, warmup_steps=1)
+    tc = TrainConfig(batch_size=4, microbatches=2, steps=3, eval_every=0, warmup_steps=1,
+                     precision=precision)
     results = {}
     for mode in RECOMPUTE_MODES:
         trainer = Trainer(cfg, replace(tc, recompute=mode), ProcessGrid.single(), data,
                           Tracer(0))
         losses = [trainer.train_step()["loss"] for _ in range(3)]
-        results[mode] = (losses, *full_state(trainer.params, trainer.optimizer, trainer.grid,
-                                            trainer.dtype))
+        results[mode] = (losses, *trainer.full_state())
     for mode in ("selective", "full"):
         assert results[mode][0] == results["none"][0], mode
         for got, want in zip(results[mode][1:], results["none"][1:], strict=True):
