@@ -23,6 +23,7 @@ from mpipar.flags import build_parser
     (["--precision", "bf16", "--dtype", "float64"],
      ["--precision bf16", "--dtype float64", "exactness"]),
     (["--precision", "fp16", "--teacher", "nowhere"], ["--teacher", "--precision fp16"]),
+    (["--precision", "bf16", "--zero", "3"], ["--zero 3", "fp32 masters", "--precision bf16"]),
 ])
 def test_refused_combinations(run_train, tmp_path, flags, fragments):
     out = tmp_path / "out"
