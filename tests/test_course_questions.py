@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mpipar.activations import formula_bytes
 from mpipar.autograd import graph_nbytes
 from mpipar.course.answers import close_enough, read_sheet
 from mpipar.course.manifest import load_manifest
@@ -114,6 +115,9 @@ CHAPTER_NUMBERS = [
     ("03_tensor_parallel.md", f"{key_values()['A4.Q1']:,}"),
     ("03_tensor_parallel.md", f"{math.ceil(50257 / 8) * 8:,}"),
     ("04_pipeline_parallel.md", f"{theoretical_bubble('interleaved', 4, 8, 2):.4f}"),
+    ("02b_memory.md", f"{formula_bytes(32, 128, 256, 4, 4):,}"),  # a block of medium
+    ("02c_mixed_precision.md", f"{4 * parameters(TINY):,}"),  # tiny's fp32 gradients
+    ("02c_mixed_precision.md", f"{2 * parameters(TINY):,}"),  # ... and in bf16
     ("07_inference.md", f"{kv_bytes_per_token(4, 256, 4) * 16 * 128:,}"),  # medium, 16 × 128
 ]
 
