@@ -70,6 +70,7 @@ from mpipar.parallel.pipeline.measure import (
     step_extents,
 )
 from mpipar.parallel.zero import format_memory_report, memory_report
+from mpipar.profile import Profiler, format_profiles, gather_profiles
 from mpipar.quantize import refuse_quantized
 from mpipar.report import check_run_dir, prepare_run_dir, reproduce_command, write_report
 from mpipar.trace import Tracer, load_jsonl, to_chrome_trace, write_jsonl
@@ -157,7 +158,8 @@ def check_values(args: argparse.Namespace) -> None:
 
 def check_output_paths(args: argparse.Namespace) -> None:
     """Output paths are checked now, not after training: a run must not end failing to save."""
-    for flag, path in (("--metrics", args.metrics), ("--trace", args.trace)):
+    for flag, path in (("--metrics", args.metrics), ("--trace", args.trace),
+                       ("--profile", args.profile)):
         if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(path) or ".")):
             raise UsageError(f"{flag} {path}: not a file in an existing directory")
     problem = check_run_dir(args.report) if args.report else None
@@ -184,9 +186,12 @@ def train_config(args: argparse.Namespace, batch_size: int) -> TrainConfig:
         distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature)
 
 
-def connect(setup: Setup, rank: int) -> Comm:
-    """The world communicator, once every rank agrees on the run (else ConfigError)."""
-    world = Comm.world(Tracer(rank, enabled=True))
+def connect(setup: Setup, rank: int, profile: str | None = None) -> Comm:
+    """The world communicator, once every rank agrees on the run (else ConfigError). With
+    ``profile`` (--profile), its tracer is a Profiler, which also times every operation."""
+    tracer = (Tracer(rank, enabled=True) if profile is None
+              else Profiler(rank, keep_spans=bool(profile)))
+    world = Comm.world(tracer)
     install_excepthook(world)
     check_same_config(world, {"argv": sys.argv[1:], "model": setup.cfg.to_dict(),
                               "train": setup.tc.to_dict(),
@@ -311,12 +316,17 @@ def report(run: Run) -> None:
     pipeline = gather_pipeline_report(run)
     if run.args.trace:
         write_trace(run)
+    profiles = gather_profiles(world, run.args.profile)
     if world.rank == 0:
         table = format_comm_summary(all_totals, sum(run.step_times))
         if table is not None:
             run.show(table)
+        if profiles is not None:
+            run.show(format_profiles(profiles))
         summary = summary_record(run, all_totals, peaks)
         summary["memory_per_rank"] = memory
+        if profiles is not None:
+            summary["profile"] = profiles
         if pipeline is not None:
             summary["pipeline"] = pipeline
             run.show(format_pipeline_report(pipeline))
@@ -399,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     except USAGE_ERRORS as exc:
         return usage_error(exc, rank)
     try:
-        world = connect(setup, rank)
+        world = connect(setup, rank, args.profile)
     except ConfigError as exc:  # raised on every rank alike
         return usage_error(exc, rank)
     if args.report:  # its metrics and trace go into the directory unless given elsewhere

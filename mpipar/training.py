@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ from mpipar.model import GPT, GPTConfig, SerialLayers
 from mpipar.nn import DropoutKey, unique_parameters
 from mpipar.optim import SGD, AdamW, lr_at
 from mpipar.parallel.full_state import owns
+from mpipar.profile import Profiler, region
 from mpipar.sample import sample_tokens
 from mpipar.trace import Tracer
 
@@ -85,6 +86,8 @@ class Trainer:
     def __init__(self, cfg: GPTConfig, tc: TrainConfig, grid: ProcessGrid, data: Dataset,
                  tracer: Tracer) -> None:
         self.cfg, self.tc, self.grid, self.data, self.tracer = cfg, tc, grid, data, tracer
+        # With --profile the tracer is a Profiler: every part of a step is charged to a row.
+        self.profiler = tracer if isinstance(tracer, Profiler) else None
         self.dtype = np.dtype(cfg.dtype)
         self.layers = self._make_layers()
         self.chunks: list[GPT] = self._make_chunks()
@@ -250,23 +253,35 @@ class Trainer:
         step, tc = self.step, self.tc
         t0 = time.perf_counter()
         self.tracer.step = step
-        x, y = get_batch(self.data.train, tc.batch_size, self.cfg.seq_len, tc.seed, step)
-        self.zero_grad()
-        local_loss = self.forward_backward(step, x, y)
-        self.finish_gradients()
-        norm = math.sqrt(self.global_grad_norm_sq())
-        lr = lr_at(step, max_lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
-                   min_lr_ratio=tc.min_lr_ratio)
-        with self.tracer.context(phase="optimizer"):
-            if tc.grad_clip > 0:
-                self.optimizer.clip(norm, tc.grad_clip)
-            self.optimizer.step(lr)
-        loss = self.reduce_loss(local_loss)
+        with self.profiler.training_step() if self.profiler is not None else nullcontext():
+            loss, norm, lr = self._run_step(step)
         dt = time.perf_counter() - t0
         self.step += 1
         tokens = tc.batch_size * self.cfg.seq_len
         return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
                 "step_time_s": dt, "tokens_per_s": tokens / dt}
+
+    def _run_step(self, step: int) -> tuple[float, float, float]:
+        """The parts of a step, in order; returns (global loss, gradient norm, lr)."""
+        tc, profiler = self.tc, self.profiler
+        with region(profiler, "batch"):
+            x, y = get_batch(self.data.train, tc.batch_size, self.cfg.seq_len, tc.seed, step)
+        with region(profiler, "zero grad"):
+            self.zero_grad()
+        local_loss = self.forward_backward(step, x, y)
+        with region(profiler, "grad sync"):
+            self.finish_gradients()
+        with region(profiler, "grad norm"):
+            norm = math.sqrt(self.global_grad_norm_sq())
+        lr = lr_at(step, max_lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
+                   min_lr_ratio=tc.min_lr_ratio)
+        with self.tracer.context(phase="optimizer"):
+            if tc.grad_clip > 0:
+                with region(profiler, "clip"):
+                    self.optimizer.clip(norm, tc.grad_clip)
+            with region(profiler, tc.optimizer):
+                self.optimizer.step(lr)
+        return self.reduce_loss(local_loss), norm, lr
 
     def zero_grad(self) -> None:
         if self.grad_sync is not None:
