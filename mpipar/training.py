@@ -135,7 +135,7 @@ class Trainer:
             return ZeroAdamW(self.params, self.grad_sync, lr=tc.lr, weight_decay=tc.weight_decay)
         if tc.optimizer == "sgd":
             return SGD(self.params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-        return AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+        return AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay, flat=True)
 
     def _make_pipeline(self):
         if self.grid.pp == 1:
@@ -287,8 +287,7 @@ class Trainer:
         if self.grad_sync is not None:
             self.grad_sync.zero_grad()
         else:
-            for p in self.params:
-                p.grad = None
+            self.optimizer.zero_grad()
 
     def reduce_loss(self, local: float) -> float:
         """The global-batch mean loss, known on every rank (one 8-byte all-reduce).
