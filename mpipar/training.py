@@ -30,6 +30,7 @@ from mpipar.autograd import no_grad
 from mpipar.backend import get_xp, to_numpy
 from mpipar.data import Dataset, eval_batches, get_batch, shard_rows, split_microbatches
 from mpipar.grid import ProcessGrid
+from mpipar.heap import keep_freed_memory
 from mpipar.model import GPT, GPTConfig, SerialLayers
 from mpipar.nn import DropoutKey, unique_parameters
 from mpipar.optim import SGD, AdamW, lr_at
@@ -86,6 +87,7 @@ class Trainer:
     def __init__(self, cfg: GPTConfig, tc: TrainConfig, grid: ProcessGrid, data: Dataset,
                  tracer: Tracer) -> None:
         self.cfg, self.tc, self.grid, self.data, self.tracer = cfg, tc, grid, data, tracer
+        keep_freed_memory()  # each step reuses the memory the last one freed (mpipar/heap.py)
         # With --profile the tracer is a Profiler: every part of a step is charged to a row.
         self.profiler = tracer if isinstance(tracer, Profiler) else None
         self.dtype = np.dtype(cfg.dtype)
