@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             f.write(json.dumps({**r, "machine": info}) + "\n")
             emit("scaling", f"{r['model']} x{r['processes']}", r, info)
-    machine = f"{info['cpu']}, {info['cores']} cores, {info['blas'].get('kernel') or 'BLAS'}"
+    machine = (f"{info['cpu']}, {info['cores']} cores, {info['blas'].get('kernel') or 'BLAS'}, "
+               f"load average {info['load_avg'][0]:.1f} at the start")
     drawn = plot(rows, out / "scaling.png", machine)
     print(f"wrote {out / 'scaling.jsonl'}" + (f" and {out / 'scaling.png'}" if drawn else
                                               " (no plot: matplotlib is not installed)"))

@@ -137,3 +137,10 @@ def check_chrome_trace(path: Path, comm_rows: tuple[str, ...]) -> None:
     ops = {e["args"]["op"] for e in events}
     wanted = {row.split()[0] for row in comm_rows}
     assert wanted <= ops and "compute" in ops, sorted(ops)
+
+
+def test_profile_file_in_a_missing_directory_is_a_usage_error(run_train, tmp_path):
+    proc = run_train(["--preset", "tiny", "--steps", "1", "--profile",
+                      tmp_path / "missing" / "p.json"])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--profile" in proc.stderr
