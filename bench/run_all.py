@@ -153,12 +153,16 @@ def load_results(path: str) -> dict[tuple[str, str], dict[str, float]]:
 def compare(old_path: str, new_path: str) -> str:
     """A table of every figure the two runs share: old, new, new/old."""
     old, new = load_results(old_path), load_results(new_path)
-    lines = [f"{'benchmark':14} {'case':28} {'figure':28} {'old':>12} {'new':>12} {'new/old':>8}"]
-    for key in sorted(old.keys() & new.keys()):
-        for name in sorted(old[key].keys() & new[key].keys()):
-            a, b = old[key][name], new[key][name]
-            ratio = f"{b / a:8.3f}" if a and math.isfinite(a) and math.isfinite(b) else ""
-            lines.append(f"{key[0]:14} {key[1]:28} {name:28} {a:12.4g} {b:12.4g} {ratio}")
+    rows = [(key, name) for key in sorted(old.keys() & new.keys())
+            for name in sorted(old[key].keys() & new[key].keys())]
+    wide = max([len(name) for _, name in rows] + [len("figure")])
+    case = max([len(key[1]) for key, _ in rows] + [len("case")])
+    lines = [f"{'benchmark':14} {'case':{case}} {'figure':{wide}} {'old':>12} {'new':>12} "
+             f"{'new/old':>8}"]
+    for key, name in rows:
+        a, b = old[key][name], new[key][name]
+        ratio = f"{b / a:8.3f}" if a and math.isfinite(a) and math.isfinite(b) else ""
+        lines.append(f"{key[0]:14} {key[1]:{case}} {name:{wide}} {a:12.4g} {b:12.4g} {ratio}")
     only = sorted(old.keys() ^ new.keys())
     if only:
         lines.append("in one run only: " + ", ".join(f"{b}/{c}" for b, c in only))
