@@ -80,6 +80,7 @@ from mpipar.parallel.pipeline.measure import (
 )
 from mpipar.parallel.zero import format_memory_report, memory_report
 from mpipar.precision import resolve_precision
+from mpipar.profile import Profiler, format_profiles, gather_profiles
 from mpipar.quantize import refuse_quantized
 from mpipar.report import METRICS_FILE, TRACE_FILE, prepare_run_dir, reproduce_command, write_report
 from mpipar.resume import (
@@ -209,6 +210,8 @@ def check_output_paths(args: argparse.Namespace) -> list[str]:
     if args.trace:
         outputs.append(Output("--trace", args.trace,
                               companions=(os.path.splitext(args.trace)[0] + ".chrome.json",)))
+    if args.profile:  # --profile FILE: the Chrome trace of every operation
+        outputs.append(Output("--profile", args.profile))
     if args.save:
         outputs.append(Output("--save", args.save, is_checkpoint=True))
     if args.report:  # the metrics and trace go inside it unless given elsewhere
@@ -453,12 +456,17 @@ def report(run: Run) -> None:
     pipeline = gather_pipeline_report(run)
     if run.args.trace:
         write_trace(run)
+    profiles = gather_profiles(world, run.args.profile)
     if world.rank == 0:
         table = format_comm_summary(all_totals, sum(run.step_times))
         if table is not None:
             run.show(table)
+        if profiles is not None:
+            run.show(format_profiles(profiles))
         summary = summary_record(run, all_totals, peaks)
         summary["memory_per_rank"] = memory
+        if profiles is not None:
+            summary["profile"] = profiles
         if pipeline is not None:
             summary["pipeline"] = pipeline
             run.show(format_pipeline_report(pipeline))
@@ -534,9 +542,13 @@ def write_trace(run: Run) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     world_size, rank = world_size_and_rank()
-    world = Comm.world(Tracer(rank, enabled=True), Activity())
-    install_excepthook(world)
     args, found = read_flags(argv, rank)
+    profile = args.profile if args is not None else None
+    # With --profile the tracer is a Profiler, which also times every operation.
+    tracer = (Tracer(rank, enabled=True) if profile is None
+              else Profiler(rank, keep_spans=bool(profile)))
+    world = Comm.world(tracer, Activity())
+    install_excepthook(world)
     timeout = args.timeout if args is not None else 0
     with Watchdog(timeout, rank, world.tracer, world.activity) as watchdog:
         setup = None

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from machine import emit, format_machine, machine_info
 
 from mpipar.comm import Comm, install_excepthook
 from mpipar.parallel.ring import ring_allreduce
@@ -79,6 +80,10 @@ def main() -> None:
         rows.append((mb, medians))
 
     if rank == 0:
+        info = machine_info()
+        print(format_machine(info))
+        for mb, med in rows:
+            emit("allreduce", f"{mb} MiB", {f"{k}_s": v for k, v in med.items()}, info)
         factor = 2 * (n - 1) / n
         print(f"all-reduce of float32 buffers on {n} ranks, median of {args.repeats} repeats")
         header = (f"{'size':>8} | {'ring ms':>9} {'algbw GB/s':>11} {'busbw GB/s':>11} | "

@@ -40,6 +40,7 @@ import time  # noqa: E402
 from collections import Counter  # noqa: E402
 
 import numpy as np  # noqa: E402
+from machine import emit, format_machine, machine_info  # noqa: E402
 
 from mpipar.comm import Comm, install_excepthook  # noqa: E402
 from mpipar.decoding import Generator, SamplingConfig  # noqa: E402
@@ -139,6 +140,8 @@ def main() -> None:
     install_excepthook(world)
     if world.size != 2:
         raise SystemExit("run with mpirun -n 2")
+    if world.rank == 0:
+        print(format_machine(machine_info()))
     for preset in args.presets:
         cfg, state = model_state(preset)
         rows = [row for batch in args.batches for cache in (True, False)
@@ -165,6 +168,8 @@ def report(preset: str, cfg: GPTConfig, rows: list[dict], traffic: dict, as_json
               f"{r['tokens_per_s']:>9.0f}  {speedup:>14}")
         if as_json:
             print(json.dumps({"preset": preset, **r}))
+        emit("inference", f"{preset} batch {r['batch']} {r['layout']} cache "
+             f"{'on' if r['cache'] else 'off'}", r)
     for name, calls in traffic.items():
         print(f"one decode step, rank 0, {name}: {calls}")
 

@@ -19,7 +19,21 @@ time. On a quiet machine the two agree; on a shared one other programs slow the 
 figures, while the CPU-time ones (``cpu_*`` and ``mfu_cpu`` in ``--json``) stay close to what
 the process would do alone. Compare them to see whether a measurement was disturbed.
 
-Run: ``python bench/bench_single.py [--json] [--presets small medium] [--steps 20]``.
+How far the arithmetic itself can go is measured too: the **GEMM ceiling** times the
+model's own matrix products alone, at their shapes (the forward x Wᵀ, the backward g W and
+gᵀ x of every linear layer and of the tied head, and attention's batched Q Kᵀ, P V and their
+gradients), and divides the model's FLOPs by that time. It is the MFU a step would reach if
+everything but its matrix products took no time: products with an inner dimension of 128 or
+256 run below the rate of large square ones, so the ceiling is below 100 %, and no
+elementwise work or Python can be removed to pass it.
+
+Targets (read against the figures of a quiet machine): ``small`` ≥ 65 % and ``medium``
+≥ 85 % of the GEMM rate. The output says for each whether it is met and how it compares with
+the ceiling. The machine, the BLAS library and its kernel, and environment overrides such as
+``OPENBLAS_CORETYPE`` are printed first (``bench/machine.py``), since the GEMM rate depends
+on them.
+
+Run: ``python bench/bench_single.py [--json] [--presets tiny small medium] [--steps 20]``.
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ import platform  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+from machine import emit, format_machine, machine_info  # noqa: E402
 
 from mpipar.data import CharTokenizer, Dataset  # noqa: E402
 from mpipar.grid import ProcessGrid  # noqa: E402
@@ -46,6 +61,7 @@ from mpipar.training import TrainConfig, Trainer  # noqa: E402
 
 NPROCS = 1  # bench/run_all.py launches this script with one process
 VOCAB = 65  # the size of a Shakespeare-like character vocabulary
+TARGETS = {"small": 0.65, "medium": 0.85}  # fraction of the GEMM rate
 
 
 class Clock:
@@ -93,6 +109,39 @@ def random_dataset(n_tokens: int, seed: int = 0) -> Dataset:
                    tokenizer=CharTokenizer.from_chars(chars))
 
 
+def model_products(cfg: GPTConfig, batch: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The (a, b) shapes of every matrix product of one training step, forward and backward.
+
+    A linear layer of rows R = batch·seq_len, d_in → d_out: x Wᵀ (R×d_in)(d_in×d_out), then
+    g W (R×d_out)(d_out×d_in) and gᵀ x (d_out×R)(R×d_in). Attention per layer, batched over
+    batch·heads: Q Kᵀ (T×D)(D×T) and P V (T×T)(T×D) forward, four products of the same
+    shapes backward.
+    """
+    rows, d, t = batch * cfg.seq_len, cfg.d_model, cfg.seq_len
+    linears = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)] * cfg.n_layer + [(d, cfg.vocab_size)]
+    shapes = []
+    for d_in, d_out in linears:
+        shapes += [((rows, d_in), (d_in, d_out)), ((rows, d_out), (d_out, d_in)),
+                   ((d_out, rows), (rows, d_in))]
+    bh, hd = batch * cfg.n_head, cfg.head_dim
+    per_layer = [((bh, t, hd), (bh, hd, t)), ((bh, t, t), (bh, t, hd))] * 3
+    return shapes + per_layer * cfg.n_layer
+
+
+def gemm_ceiling(cfg: GPTConfig, batch: int, repeats: int = 3) -> float:
+    """Seconds the matrix products of one step take alone (the best of ``repeats``)."""
+    rng = np.random.default_rng(0)
+    operands = [(rng.standard_normal(a).astype(np.float32),
+                 rng.standard_normal(b).astype(np.float32)) for a, b in model_products(cfg, batch)]
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass warms up
+        with Clock() as c:
+            for a, b in operands:
+                np.matmul(a, b)
+        best = min(best, c.cpu)
+    return best
+
+
 def bench_preset(name: str, steps: int, warmup: int, gemm: tuple[float, float]) -> dict:
     """Train preset ``name`` for ``warmup + steps`` steps; return the figures of the last
     ``steps``. ``gemm`` is the (wall, CPU) GEMM GFLOP/s that MFU is relative to."""
@@ -127,12 +176,14 @@ def bench_preset(name: str, steps: int, warmup: int, gemm: tuple[float, float]) 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=["small", "medium"])
+    ap.add_argument("--presets", nargs="+", choices=sorted(PRESETS),
+                    default=["tiny", "small", "medium"])
     ap.add_argument("--steps", type=int, default=20, help="measured steps per preset")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
     ap.add_argument("--json", action="store_true", help="print one JSON record per preset")
     args = ap.parse_args(argv)
 
+    info = machine_info()
     gemm = gemm_gflops()
     results = [bench_preset(p, args.steps, args.warmup, gemm) for p in args.presets]
     # The GEMM again afterwards: if the machine got slower or faster meanwhile, MFU is suspect.
@@ -140,19 +191,35 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         r["gemm_gflops_after"], r["cpu_gemm_gflops_after"] = gemm_after
         r["machine"] = platform.processor() or platform.machine()
+        shape = dict(PRESETS[r["preset"]])
+        batch = shape.pop("batch_size")
+        cfg = GPTConfig(vocab_size=VOCAB, **shape)
+        flops = flops_per_token(cfg) * batch * cfg.seq_len
+        r["gemm_ceiling_mfu"] = flops / gemm_ceiling(cfg, batch) / (gemm[1] * 1e9)
+        emit("single", r["preset"], r, info)
     if args.json:
         for r in results:
-            print(json.dumps(r))
+            print(json.dumps({**r, "machine_info": info}))
         return 0
+    print(format_machine(info))
     print(f"float32 GEMM, 1 thread: {gemm[0]:.1f} GFLOP/s (at the end: {gemm_after[0]:.1f}; "
           f"by CPU time {gemm[1]:.1f} and {gemm_after[1]:.1f})")
     print(f"{'preset':8} {'layers':>6} {'d_model':>7} {'seq':>4} {'batch':>5} "
-          f"{'step ms':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6} {'MFU(cpu)':>8}")
+          f"{'step ms':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'MFU':>6} {'MFU(cpu)':>8} "
+          f"{'ceiling':>8}")
     for r in results:
         print(f"{r['preset']:8} {r['n_layer']:6d} {r['d_model']:7d} {r['seq_len']:4d} "
               f"{r['batch_size']:5d} {r['median_step_time_s'] * 1e3:8.1f} "
               f"{r['tokens_per_s']:9.0f} {r['model_gflops']:8.1f} {r['mfu']:6.1%} "
-              f"{r['mfu_cpu']:8.1%}")
+              f"{r['mfu_cpu']:8.1%} {r['gemm_ceiling_mfu']:8.1%}")
+    print("ceiling: the MFU of the step's matrix products alone, at their shapes (CPU time)")
+    for r in results:
+        if r["preset"] in TARGETS:
+            target = TARGETS[r["preset"]]
+            verdict = "met" if r["mfu_cpu"] >= target else "NOT met"
+            print(f"{r['preset']}: {r['mfu_cpu']:.1%} of the GEMM rate by CPU time "
+                  f"(target >= {target:.0%}: {verdict}; the products alone reach "
+                  f"{r['gemm_ceiling_mfu']:.1%})")
     return 0
 
 

@@ -57,6 +57,23 @@ def is_grad_enabled() -> bool:
     return _GradMode.enabled
 
 
+class _OpTimer:
+    """The profiler that times every Function (`mpipar.profile.Profiler`), or None.
+
+    Off, each forward and backward pays one attribute check; on, the timer runs the op:
+    ``timer.forward(fn, ctx, args, kwargs)`` and ``timer.backward(fn, ctx, grad)``.
+    """
+
+    current: Any = None
+
+
+def set_op_timer(timer: Any) -> Any:
+    """Install ``timer`` (None: none) around every op's forward and backward; return the
+    one it replaces."""
+    previous, _OpTimer.current = _OpTimer.current, timer
+    return previous
+
+
 class Context:
     """What ``forward`` leaves for ``backward``: saved arrays and any other attributes."""
 
@@ -251,7 +268,9 @@ class Function:
         needs = tuple(t.requires_grad for t in tensors)
         track = _GradMode.enabled and any(needs)
         ctx = Context(needs)
-        out = Tensor(cls.forward(ctx, *raw, **kwargs))
+        timer = _OpTimer.current
+        out = Tensor(cls.forward(ctx, *raw, **kwargs) if timer is None
+                     else timer.forward(cls, ctx, raw, kwargs))
         if track:
             out.requires_grad = True
             out._fn = cls
@@ -403,6 +422,7 @@ def run_backward(root: Tensor, grad: Any) -> None:
     grads: dict[int, list] = {id(root): [grad, False]}  # id -> [array, owned by us?]
     # Memory already stored as some leaf's .grad in this pass (and the caller's own array).
     leaf_memory: set[int] = {_memory_id(grad)}
+    timer = _OpTimer.current
 
     def accumulate(tensor: Tensor, g: Any) -> None:
         slot = grads.get(id(tensor))
@@ -434,7 +454,8 @@ def run_backward(root: Tensor, grad: Any) -> None:
                 hook(node)
             continue
         ctx = node._ctx
-        input_grads = node._fn.backward(ctx, g)
+        input_grads = (node._fn.backward(ctx, g) if timer is None
+                       else timer.backward(node._fn, ctx, g))
         if not isinstance(input_grads, tuple):
             input_grads = (input_grads,)
         for parent, pg in zip(node._parents, input_grads, strict=True):

@@ -213,6 +213,10 @@ def add_output_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--metrics", metavar="FILE", help="JSON lines of metrics (rank 0)")
     g.add_argument("--trace", metavar="FILE",
                    help="communication trace, JSON lines (and a Chrome trace beside it)")
+    g.add_argument("--profile", nargs="?", const="", metavar="FILE",
+                   help="after training, print the time per operation and direction of a step "
+                        "on each rank (mpipar/profile.py); with FILE, also write every "
+                        "operation into a Chrome/Perfetto trace FILE")
     g.add_argument("--report", metavar="DIR",
                    help="write the metrics, the trace and one self-contained HTML page of "
                         "the run (DIR/report.html) into DIR")

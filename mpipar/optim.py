@@ -297,6 +297,16 @@ class AdamW(Optimizer):
     State: ``"adamw.m.<name>"`` and ``"adamw.v.<name>"`` per parameter, and ``"adamw.step"``,
     the number of updates taken (one counter for all parameters; a parameter whose gradient is
     ``None`` is skipped for that step but its bias correction still uses the shared count).
+
+    ``flat=True`` keeps parameters, gradients and both moments in one flat buffer each, every
+    per-parameter array a view into it (:class:`FlatLayout`), so that a step is a dozen array
+    operations over cache-sized blocks of all Ψ elements instead of a dozen per parameter.
+    The arithmetic of each element is the same, so both ways give the same numbers bit for
+    bit; the state keeps its per-parameter names and shapes. The parameters' ``.data``
+    become views into the flat buffer, so only the optimizer that owns the parameters should
+    ask for it. Gradients are copied into the flat buffer at the step (one pass over Ψ):
+    letting backward accumulate into zeroed views instead measured slower, since the engine
+    then adds every gradient to the buffer rather than keeping the array it computed.
     """
 
     def __init__(
@@ -306,15 +316,22 @@ class AdamW(Optimizer):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.1,
+        *,
+        flat: bool = False,
     ):
         self.params = _unique_params(params)
         self.lr = float(lr)
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
-        self.m = {p.name: array_module(p.data).zeros_like(p.data) for p in self.params}
-        self.v = {p.name: array_module(p.data).zeros_like(p.data) for p in self.params}
         self.step_count = 0
+        self.flat = FlatLayout(self.params) if flat else None
+        if self.flat is not None:  # (Ψ,) each, and per-parameter views of them
+            self._flat_m, self._flat_v = self.flat.zeros(), self.flat.zeros()
+            self.m, self.v = self.flat.views(self._flat_m), self.flat.views(self._flat_v)
+        else:
+            self.m = {p.name: array_module(p.data).zeros_like(p.data) for p in self.params}
+            self.v = {p.name: array_module(p.data).zeros_like(p.data) for p in self.params}
         # One reusable buffer per distinct (shape, dtype) keeps steps allocation-free.
         self._scratch: dict[tuple, object] = {}
 
@@ -328,6 +345,9 @@ class AdamW(Optimizer):
         """Take one AdamW step on every parameter that has a gradient."""
         lr = self.lr if lr is None else float(lr)
         self.step_count += 1
+        if self.flat is not None and self.flat.gather_grads():
+            self._flat_step(lr)
+            return
         for p in self.params:
             if p.grad is None:
                 continue
@@ -344,6 +364,22 @@ class AdamW(Optimizer):
                 step=self.step_count,
                 scratch=self._scratch_for(p.data),
             )
+
+    def _flat_step(self, lr: float) -> None:
+        """:func:`adamw_update` over the whole flat buffer, decay first on the runs of
+        decaying parameters (θ ← θ·(1 − αλ), exactly the per-parameter rule's operation; the
+        decay touches only θ, which the moments do not read, so doing it first changes
+        nothing)."""
+        flat = self.flat
+        if self.weight_decay:
+            for run in flat.runs(decay_mask):
+                flat.params[run] *= 1.0 - lr * self.weight_decay
+        scratch = self._scratch_for(flat.params)
+        for block in flat.blocks():  # each block's 5 arrays stay in cache through the update
+            adamw_update(flat.params[block], flat.grads[block], self._flat_m[block],
+                         self._flat_v[block], lr=lr, beta1=self.beta1, beta2=self.beta2,
+                         eps=self.eps, weight_decay=0.0, step=self.step_count,
+                         scratch=scratch[block])
 
     def _live_state(self) -> dict[str, object]:
         state: dict[str, object] = {}
@@ -366,6 +402,80 @@ class AdamW(Optimizer):
         live["adamw.step"] = step
         _load_into(live, d, "AdamW")
         self.step_count = int(step)
+
+
+class FlatLayout:
+    """Parameters laid end to end in one flat buffer, Ψ elements, in the given order.
+
+    Parameter i occupies ``[offsets[i], offsets[i] + size_i)`` of :attr:`params` (its ``.data``
+    becomes a view of that range) and of :attr:`grads`; :meth:`views` cuts any other flat
+    array (a moment) the same way. Elementwise work on all parameters is then one operation
+    on the flat array, with no Python loop and no per-parameter call overhead.
+    """
+
+    BLOCK = 1 << 15  # elements; 5 arrays of float32 blocks take 640 KiB of cache
+
+    def __init__(self, params: list) -> None:
+        self.members = params
+        self.xp = array_module(params[0].data)
+        dtype = params[0].data.dtype
+        if any(p.data.dtype != dtype for p in params):
+            raise ValueError("a flat layout needs parameters of one dtype")
+        self.offsets, total = [], 0
+        for p in params:
+            self.offsets.append(total)
+            total += p.data.size
+        self.params = self.xp.empty(total, dtype=dtype)  # (Ψ,)
+        self.grads = self.xp.zeros(total, dtype=dtype)  # (Ψ,)
+        for p, data in zip(params, self._cut(self.params), strict=True):
+            data[...] = p.data
+            p.data = data
+        self._grad_views = self._cut(self.grads)
+        self._runs: dict[Callable, list[slice]] = {}
+
+    def _cut(self, flat) -> list:
+        return [flat[o:o + p.data.size].reshape(p.data.shape)
+                for p, o in zip(self.members, self.offsets, strict=True)]
+
+    def blocks(self) -> list[slice]:
+        """The flat range cut into pieces of ``BLOCK`` elements: an update's arrays, block by
+        block, stay in the CPU's cache through a chain of elementwise operations (on a GPU,
+        one piece)."""
+        n = self.params.size
+        step = n if self.xp.__name__ != "numpy" else self.BLOCK
+        return [slice(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+    def zeros(self):
+        return self.xp.zeros_like(self.params)
+
+    def views(self, flat) -> dict[str, object]:
+        """``{parameter name: its view of flat}``."""
+        return {p.name: v for p, v in zip(self.members, self._cut(flat), strict=True)}
+
+    def gather_grads(self) -> bool:
+        """Copy into :attr:`grads` every gradient held elsewhere (e.g. in a data-parallel
+        buffer); False, copying nothing, if some parameter has no gradient."""
+        if any(p.grad is None for p in self.members):
+            return False
+        for p, view in zip(self.members, self._grad_views, strict=True):
+            if p.grad is not view:
+                view[...] = p.grad
+        return True
+
+    def runs(self, keep: Callable) -> list[slice]:
+        """Maximal ranges of the flat buffer covered by consecutive parameters with
+        ``keep(p)``."""
+        if keep not in self._runs:
+            runs: list[slice] = []
+            for p, o in zip(self.members, self.offsets, strict=True):
+                if not keep(p):
+                    continue
+                if runs and runs[-1].stop == o:
+                    runs[-1] = slice(runs[-1].start, o + p.data.size)
+                else:
+                    runs.append(slice(o, o + p.data.size))
+            self._runs[keep] = runs
+        return self._runs[keep]
 
 
 # --------------------------------------------------------------------------------------------

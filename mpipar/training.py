@@ -27,7 +27,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,12 +37,14 @@ from mpipar.autograd import no_grad
 from mpipar.backend import get_xp, to_numpy
 from mpipar.data import Dataset, eval_batches, get_batch, shard_rows, split_microbatches
 from mpipar.grid import ProcessGrid
+from mpipar.heap import keep_freed_memory
 from mpipar.master_weights import MasterWeights, make_masters
 from mpipar.model import GPT, GPTConfig, SerialLayers
 from mpipar.nn import DropoutKey, Parameter, master_copy, unique_parameters
 from mpipar.optim import SGD, AdamW, lr_at
 from mpipar.parallel.full_state import full_state, load_full_state, owns
 from mpipar.precision import LossScaler, overflow_anywhere, resolve_precision
+from mpipar.profile import Profiler, region
 from mpipar.sample import sample_tokens
 from mpipar.trace import Tracer
 
@@ -99,6 +101,9 @@ class Trainer:
     def __init__(self, cfg: GPTConfig, tc: TrainConfig, grid: ProcessGrid, data: Dataset,
                  tracer: Tracer) -> None:
         self.cfg, self.tc, self.grid, self.data, self.tracer = cfg, tc, grid, data, tracer
+        keep_freed_memory()  # each step reuses the memory the last one freed (mpipar/heap.py)
+        # With --profile the tracer is a Profiler: every part of a step is charged to a row.
+        self.profiler = tracer if isinstance(tracer, Profiler) else None
         self.dtype = np.dtype(cfg.dtype)  # of the weights the optimizer updates (the masters)
         self.precision = resolve_precision(tc.precision, cfg.dtype)
         self.scaler = LossScaler() if self.precision.loss_scaling else None
@@ -177,7 +182,7 @@ class Trainer:
         if tc.optimizer == "sgd":
             return SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
         return AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps,
-                     weight_decay=tc.weight_decay)
+                     weight_decay=tc.weight_decay, flat=True)
 
     def _make_pipeline(self):
         if self.grid.pp == 1:
@@ -320,19 +325,9 @@ class Trainer:
         step, tc = self.step, self.tc
         t0 = time.perf_counter()
         self.tracer.step = step
-        x, y = get_batch(self.data.train, tc.batch_size, self.cfg.seq_len, tc.seed, step)
-        self.zero_grad()
         scale = self.loss_scale
-        with self._overflow_expected():
-            local_loss = self.forward_backward(step, x, y)
-            self.finish_gradients()
-            skipped = self.unscale_gradients()
-        # A skipped step has an infinite gradient somewhere: no norm (NaN), no update.
-        norm = math.nan if skipped else math.sqrt(self.global_grad_norm_sq())
-        lr = lr_at(step, max_lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
-                   min_lr_ratio=tc.min_lr_ratio)
-        self.update(norm, lr, skipped)
-        loss = self.reduce_loss(local_loss)
+        with self.profiler.training_step() if self.profiler is not None else nullcontext():
+            loss, norm, lr, skipped = self._run_step(step)
         dt = time.perf_counter() - t0
         self.step += 1
         tokens = tc.batch_size * self.cfg.seq_len
@@ -349,8 +344,10 @@ class Trainer:
                 self.optimizer.skip()
                 return
             if self.tc.grad_clip > 0:
-                self.optimizer.clip(norm, self.tc.grad_clip)
-            self.optimizer.step(lr)
+                with region(self.profiler, "clip"):
+                    self.optimizer.clip(norm, self.tc.grad_clip)
+            with region(self.profiler, self.tc.optimizer):
+                self.optimizer.step(lr)
 
     def _overflow_expected(self) -> contextlib.AbstractContextManager:
         """fp16: numpy stays quiet about an overflow to inf, which the loss scaler handles."""
@@ -358,12 +355,31 @@ class Trainer:
             return contextlib.nullcontext()
         return np.errstate(over="ignore", invalid="ignore")
 
+    def _run_step(self, step: int) -> tuple[float, float, float, bool]:
+        """The parts of a step, in order; returns (global loss, gradient norm, lr, skipped)."""
+        tc, profiler = self.tc, self.profiler
+        with region(profiler, "batch"):
+            x, y = get_batch(self.data.train, tc.batch_size, self.cfg.seq_len, tc.seed, step)
+        with region(profiler, "zero grad"):
+            self.zero_grad()
+        with self._overflow_expected():
+            local_loss = self.forward_backward(step, x, y)
+            with region(profiler, "grad sync"):
+                self.finish_gradients()
+                skipped = self.unscale_gradients()
+        with region(profiler, "grad norm"):
+            # A skipped step has an infinite gradient somewhere: no norm (NaN), no update.
+            norm = math.nan if skipped else math.sqrt(self.global_grad_norm_sq())
+        lr = lr_at(step, max_lr=tc.lr, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
+                   min_lr_ratio=tc.min_lr_ratio)
+        self.update(norm, lr, skipped)
+        return self.reduce_loss(local_loss), norm, lr, skipped
+
     def zero_grad(self) -> None:
         if self.grad_sync is not None:
             self.grad_sync.zero_grad()
         else:
-            for p in self.params:
-                p.grad = None
+            self.optimizer.zero_grad()
 
     def reduce_loss(self, local: float) -> float:
         """The global-batch mean loss, known on every rank (one 8-byte all-reduce).
