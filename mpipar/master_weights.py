@@ -81,6 +81,11 @@ class MasterWeights:
         return cls(params, masters, make_inner(masters))
 
     # -- a step ------------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        """Drop the model's 16-bit gradients (the next backward starts them afresh)."""
+        for p in self.params:
+            p.grad = None
+
     def unscale(self, scale: float, check: bool = True) -> bool:
         """master.grad = fp32(p.grad) / ``scale`` for every parameter with a gradient.
 
