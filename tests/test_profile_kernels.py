@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from mpipar.flat_layout import FlatLayout
 from mpipar.ops import scatter_add_rows
-from mpipar.optim import AdamW, FlatLayout
+from mpipar.optim import AdamW
 
 
 @dataclass
