@@ -23,11 +23,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-# One BLAS thread per rank unless the user chose otherwise: several ranks each running
-# several BLAS threads on the same cores slow each other down badly.
-if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_var, "1")
+# isort: off
+import mpipar.threads  # noqa: F401  (before numpy: one BLAS thread per rank under mpirun)
+# isort: on
 
 import numpy as np
 

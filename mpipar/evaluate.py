@@ -23,29 +23,26 @@ the C characters that really follow.
 
 from __future__ import annotations
 
-import os
+# isort: off
+import mpipar.threads  # noqa: F401  (before numpy: one BLAS thread per rank under mpirun)
+# isort: on
 
-# One BLAS thread per rank under mpirun (as train.py); set before numpy loads.
-if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_var, "1")
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from mpipar.checkpoint import CheckpointError  # noqa: E402
-from mpipar.data import DataError, default_corpus, load_text, make_dataset, shard_rows  # noqa: E402
-from mpipar.decoding import Generator, SamplingConfig  # noqa: E402
-from mpipar.flags import non_negative_int, positive_int  # noqa: E402
-from mpipar.grid import ConfigError  # noqa: E402
-from mpipar.inference import InferenceModel, load_for_inference  # noqa: E402
-from mpipar.inference_cli import (  # noqa: E402
+from mpipar.checkpoint import CheckpointError
+from mpipar.data import DataError, default_corpus, load_text, make_dataset, shard_rows
+from mpipar.decoding import Generator, SamplingConfig
+from mpipar.flags import non_negative_int, positive_int
+from mpipar.grid import ConfigError
+from mpipar.inference import InferenceModel, load_for_inference
+from mpipar.inference_cli import (
     UsageError,
     add_layout_flags,
     check_layout,
@@ -54,7 +51,7 @@ from mpipar.inference_cli import (  # noqa: E402
     usage_error,
     write_trace,
 )
-from mpipar.text_metrics import corpus_bleu, mean_rouge  # noqa: E402
+from mpipar.text_metrics import corpus_bleu, mean_rouge
 
 PROG = "python -m mpipar.evaluate"
 

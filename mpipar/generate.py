@@ -14,20 +14,16 @@ described in `mpipar.decoding`; the cache in `mpipar.kv_cache`. Exit codes as tr
 
 from __future__ import annotations
 
-import os
+# isort: off
+import mpipar.threads  # noqa: F401  (before numpy: one BLAS thread per rank under mpirun)
+# isort: on
 
-# One BLAS thread per rank under mpirun (as train.py): ranks that each start several BLAS
-# threads on the same cores slow each other down many times over. Set before numpy loads.
-if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
-    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(_var, "1")
-
-import argparse  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 from mpipar.checkpoint import CheckpointError
 from mpipar.data import CharTokenizer, DataError
