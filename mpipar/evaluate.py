@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from mpipar import backend
+from mpipar.agreement import ERROR, RankReport
 from mpipar.checkpoint import CheckpointError
 from mpipar.data import DataError, default_corpus, load_text, make_dataset, shard_rows
 from mpipar.decoding import Generator, SamplingConfig
@@ -45,10 +47,11 @@ from mpipar.inference import InferenceModel, load_for_inference
 from mpipar.inference_cli import (
     UsageError,
     add_layout_flags,
+    build,
     check_layout,
+    found_ok,
+    meet,
     parse,
-    start,
-    usage_error,
     write_trace,
 )
 from mpipar.text_metrics import corpus_bleu, mean_rouge
@@ -209,30 +212,33 @@ def report(ppl: Perplexity, cont: dict | None, args: argparse.Namespace, n_chars
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(build_parser(), argv)
-    try:
-        loaded = load_for_inference(args.checkpoint)
-        tokens, source = held_out(args, loaded)
-        prompt_len = args.prompt_chars or loaded.cfg.seq_len
-        if args.passages:
-            passages(tokens, args.passages, prompt_len, args.continuation_chars)
-        sizes = check_layout(args, loaded, batch_size=args.batch_size, allow_dp=True)
-        heldout_windows(len(tokens), loaded.cfg.seq_len)
-    except (UsageError, ConfigError, CheckpointError, DataError, ValueError) as exc:
-        return usage_error(PROG, exc)
-    try:
-        model = start(args, sizes, loaded, {"data": source})
-    except ConfigError as exc:
-        return usage_error(PROG, exc)
+    args, found = parse(build_parser(), argv)
+    if args is not None:
+        try:
+            backend.use_device(args.device)
+            loaded = load_for_inference(args.checkpoint)
+            tokens, source = held_out(args, loaded)
+            prompt_len = args.prompt_chars or loaded.cfg.seq_len
+            if args.passages:
+                passages(tokens, args.passages, prompt_len, args.continuation_chars)
+            sizes = check_layout(args, loaded, batch_size=args.batch_size, allow_dp=True)
+            heldout_windows(len(tokens), loaded.cfg.seq_len)
+            found = found_ok(args, {"data": source})
+        except (UsageError, ConfigError, CheckpointError, DataError, ValueError) as exc:
+            found = RankReport(ERROR, str(exc))
+    world, exit_code = meet(PROG, args, found)
+    if exit_code is not None:
+        return exit_code
+    model = build(world, args, sizes, loaded)
     ppl = perplexity(model, tokens, args.batch_size)
     cont = None
     if args.passages:
         cont = continuation_scores(model, tokens, args.passages, prompt_len,
                                    args.continuation_chars, loaded.tokenizer.decode)
-    if model.grid.world.rank == 0:
+    if world.rank == 0:
         print(report(ppl, cont, args, len(tokens), source, prompt_len))
     if args.trace:
-        write_trace(model.grid.world, args.trace)
+        write_trace(world, args.trace)
     return 0
 
 

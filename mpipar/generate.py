@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpipar import backend
+from mpipar.agreement import ERROR, RankReport
 from mpipar.checkpoint import CheckpointError
 from mpipar.data import CharTokenizer, DataError
 from mpipar.decoding import Generator, SamplingConfig
@@ -34,10 +36,11 @@ from mpipar.inference import LoadedCheckpoint, load_for_inference
 from mpipar.inference_cli import (
     UsageError,
     add_layout_flags,
+    build,
     check_layout,
+    found_ok,
+    meet,
     parse,
-    start,
-    usage_error,
     write_trace,
 )
 
@@ -167,17 +170,19 @@ def run(gen: Generator, request: Request, n: int, show: bool) -> list[list[int]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(build_parser(), argv)
-    try:
-        request = configure(args)
-        sizes = check_layout(args, request.loaded, batch_size=1, allow_dp=False)
-    except (UsageError, ConfigError, CheckpointError, ValueError) as exc:
-        return usage_error(PROG, exc)
-    try:
-        model = start(args, sizes, request.loaded, {"prompts": request.prompts})
-    except ConfigError as exc:  # ranks started differently: raised on every rank alike
-        return usage_error(PROG, exc)
-    world = model.grid.world
+    args, found = parse(build_parser(), argv)
+    if args is not None:
+        try:
+            backend.use_device(args.device)
+            request = configure(args)
+            sizes = check_layout(args, request.loaded, batch_size=1, allow_dp=False)
+            found = found_ok(args, {"prompts": request.prompts})
+        except (UsageError, ConfigError, CheckpointError, ValueError) as exc:
+            found = RankReport(ERROR, str(exc))
+    world, exit_code = meet(PROG, args, found)
+    if exit_code is not None:
+        return exit_code
+    model = build(world, args, sizes, request.loaded)
     gen = Generator(model, request.sampling, use_cache=not args.no_cache, shift=args.shift,
                     stop=request.stop)
     run(gen, request, args.num_tokens, show=world.rank == 0)

@@ -1,10 +1,11 @@
 """What ``python -m mpipar.generate`` and ``python -m mpipar.evaluate`` share: the layout flags,
 the checks made before any process talks to another, starting MPI, and the trace file.
 
-Both commands follow ``train.py``'s contract (docs/design.md §7): every rank reads the same
-flags and checkpoint and checks them alone, so a bad flag or file makes every rank exit 2 with
-one line (printed once, by rank 0) before any communication; the ranks then confirm they were
-started alike (`check_same_config`), and an exception after that ends the whole job (exit 1).
+Both commands follow ``train.py``'s contract (docs/design.md §7): every rank reads its flags
+and the checkpoint and checks them alone, then all ranks meet once in the start-up agreement
+(`mpipar/agreement.py`, :func:`meet`): a problem found by any rank, or ranks started with
+different flags, makes every rank exit 2, rank 0 printing why, before any other message. An
+exception after that ends the whole job (exit 1).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import os
 import sys
 from typing import Any
 
-from mpipar import backend
+from mpipar.agreement import ERROR, HELP, RankReport, agree
 from mpipar.comm import Comm, install_excepthook, world_size_and_rank
 from mpipar.flags import positive_int
-from mpipar.grid import ConfigError, ProcessGrid, check_same_config, resolve_sizes, validate_layout
+from mpipar.grid import ConfigError, ProcessGrid, resolve_sizes, validate_layout
 from mpipar.inference import InferenceModel, LoadedCheckpoint
 from mpipar.trace import Tracer, to_chrome_trace, write_jsonl
 
@@ -45,13 +46,26 @@ def add_layout_flags(ap: argparse.ArgumentParser) -> None:
                    help="communication trace, JSON lines (and a Chrome trace beside it)")
 
 
-def parse(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse flags; under mpirun only rank 0 prints an error (every rank exits 2)."""
-    ap.print_usage = lambda file=None: None  # one-line errors, like every other usage error
-    if world_size_and_rank()[1] != 0:
-        ap.error = lambda message: sys.exit(2)
-        ap.print_help = lambda file=None: None
-    return ap.parse_args(argv)
+def parse(ap: argparse.ArgumentParser,
+          argv: list[str] | None) -> tuple[argparse.Namespace | None, RankReport | None]:
+    """``(flags, None)``, or ``(None, this rank's report of a bad flag or of --help)``.
+
+    Nothing is printed here: rank 0 prints --help (when every rank was asked for it) or the
+    verdict of the start-up agreement.
+    """
+    errors: list[str] = []
+    ap.print_usage = lambda file=None: None
+    ap.error = lambda message: (errors.append(message), sys.exit(2))
+    printed_help = ap.print_help
+    ap.print_help = lambda file=None: None
+    try:
+        return ap.parse_args(argv), None
+    except SystemExit:
+        if errors:
+            return None, RankReport(ERROR, errors[0])
+        if world_size_and_rank()[1] == 0:
+            printed_help()
+        return None, RankReport(HELP)
 
 
 def check_layout(args: argparse.Namespace, loaded: LoadedCheckpoint, *, batch_size: int,
@@ -72,14 +86,28 @@ def check_layout(args: argparse.Namespace, loaded: LoadedCheckpoint, *, batch_si
     return dp, tp, pp
 
 
-def start(args: argparse.Namespace, sizes: tuple[int, int, int], loaded: LoadedCheckpoint,
-          config: dict[str, Any]) -> InferenceModel:
-    """Start MPI, agree on the run, and build this rank's part of the loaded model."""
-    backend.use_device(args.device)
+def meet(prog: str, args: argparse.Namespace | None,
+         found: RankReport) -> tuple[Comm, int | None]:
+    """Start MPI and hold the start-up agreement: ``(world, None)`` to go on, or ``(world,
+    the exit code every rank returns)``, rank 0 having printed why."""
     rank = world_size_and_rank()[1]
-    world = Comm.world(Tracer(rank, enabled=bool(args.trace)))
+    world = Comm.world(Tracer(rank, enabled=bool(args is not None and args.trace)))
     install_excepthook(world)
-    check_same_config(world, {"argv": sys.argv[1:], **config})
+    verdict = agree(world, found)  # every rank, whatever it found
+    if verdict.exit_code is not None and rank == 0 and verdict.message:
+        print(f"{prog}: error: {verdict.message}", file=sys.stderr)
+    return world, verdict.exit_code
+
+
+def found_ok(args: argparse.Namespace, config: dict[str, Any]) -> RankReport:
+    """The report of a rank whose checks passed: its flags and what it read, to compare."""
+    flags = {"--" + key.replace("_", "-"): value for key, value in vars(args).items()}
+    return RankReport(config={**flags, **config})
+
+
+def build(world: Comm, args: argparse.Namespace, sizes: tuple[int, int, int],
+          loaded: LoadedCheckpoint) -> InferenceModel:
+    """This rank's part of the loaded model: its tp shard of its pipeline stage."""
     grid = ProcessGrid.build(world, *sizes)
     model = InferenceModel(loaded.cfg, grid, sequence_parallel=args.sequence_parallel)
     model.load(loaded.state)
@@ -98,12 +126,5 @@ def write_trace(world: Comm, path: str) -> None:
             json.dump(to_chrome_trace(records), f)
 
 
-def usage_error(prog: str, exc: BaseException) -> int:
-    """Exit code 2, the reason printed once (by rank 0)."""
-    if world_size_and_rank()[1] == 0:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-    return 2
-
-
-__all__ = ["UsageError", "add_layout_flags", "check_layout", "parse", "start", "usage_error",
-           "write_trace"]
+__all__ = ["UsageError", "add_layout_flags", "build", "check_layout", "found_ok", "meet",
+           "parse", "write_trace"]

@@ -14,10 +14,13 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 import numpy as np
 import pytest
 from conftest import check_ok, describe_run
-from mpi_util import parse_verdict, run_mpi_ok, script
+from mpi_util import mpirun_path, parse_verdict, run_killable, run_mpi_ok, script
 
 from mpipar import generate
 from mpipar.decoding import Generator, SamplingConfig, token_distribution
@@ -190,3 +193,24 @@ def test_bad_prompt_exits_2_from_outside(run_python, tiny_checkpoint):
                        "--prompt", "~"], timeout=60)
     assert proc.returncode == 2 and proc.stdout == "", describe_run(proc)
     assert len(proc.stderr.splitlines()) == 1 and "not in the vocabulary" in proc.stderr
+
+
+@pytest.mark.parametrize("command, bad", [
+    ("mpipar.generate", ["-n", "0"]),
+    ("mpipar.evaluate", ["--data", "/nonexistent"]),
+], ids=["generate", "evaluate"])
+def test_a_usage_error_on_one_rank_ends_every_rank(command, bad, tiny_checkpoint, tiny_data):
+    """Rank 1 alone finds a problem: both ranks meet in the start-up agreement and exit 2,
+    rank 0 printing the one line that names rank 1 (no rank is left waiting)."""
+    common = [sys.executable, "-m", command, "--checkpoint", str(tiny_checkpoint), "--tp", "2"]
+    if command == "mpipar.evaluate":
+        common += ["--data", str(tiny_data)]
+    cmd = [mpirun_path(), "-n", "1", *common, ":", "-n", "1", *common, *bad]
+    t0 = time.monotonic()
+    proc = run_killable(cmd, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2 and proc.stdout == "", describe_run(proc)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m {command}: error: rank 1: "), \
+        describe_run(proc)
+    assert elapsed < 30, f"the job took {elapsed:.1f} s to end"
