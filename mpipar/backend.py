@@ -3,15 +3,23 @@
 Every array operation in mpipar goes through ``xp``, the array module of the arrays at hand,
 so numpy and cupy share a single code path. Pick the device once, at start-up, with
 :func:`use_device`; code that needs the module for a given array calls :func:`array_module`.
+
+The device module is ``cupy`` unless the environment variable ``MPIPAR_DEVICE_MODULE`` names
+another module with cupy's interface (the tests' strict CPU stand-in, ``fakecupy``);
+:func:`use_module` selects a module object directly.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import types
 
 import numpy as np
 
-_state = {"xp": np, "device": "cpu"}
+DEVICE_MODULE_ENV = "MPIPAR_DEVICE_MODULE"
+
+_state: dict = {"xp": np, "device": "cpu", "gpu": None}
 
 
 def use_device(device: str) -> types.ModuleType:
@@ -19,16 +27,25 @@ def use_device(device: str) -> types.ModuleType:
     if device == "cpu":
         _state.update(xp=np, device="cpu")
     elif device == "gpu":
+        name = os.environ.get(DEVICE_MODULE_ENV) or "cupy"
         try:
-            import cupy  # noqa: PLC0415  (optional dependency, imported on demand)
+            module = importlib.import_module(name)
         except ImportError as exc:  # pragma: no cover - depends on the machine
             raise RuntimeError(
-                "--device gpu needs cupy: pip install 'mpipar[gpu]' (and a CUDA GPU)"
+                f"--device gpu needs {name}: pip install 'mpipar[gpu]' (and a CUDA GPU)"
             ) from exc
-        _state.update(xp=cupy, device="gpu")
+        use_module(module)
     else:
         raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'gpu'")
     return _state["xp"]
+
+
+def use_module(module: types.ModuleType) -> types.ModuleType:
+    """Compute with ``module``: numpy (the CPU), or a device module with cupy's interface."""
+    if module is np:
+        return use_device("cpu")
+    _state.update(xp=module, device="gpu", gpu=module)
+    return module
 
 
 def get_xp() -> types.ModuleType:
@@ -43,9 +60,13 @@ def device() -> str:
 
 def array_module(*arrays) -> types.ModuleType:
     """The module (numpy or cupy) that owns ``arrays``; numpy for plain Python values."""
+    gpu = _state["gpu"]
     for a in arrays:
-        mod = type(a).__module__
-        if mod.startswith("cupy"):
+        if isinstance(a, np.ndarray):
+            continue
+        if gpu is not None and isinstance(a, gpu.ndarray):
+            return gpu
+        if type(a).__module__.startswith("cupy"):
             import cupy  # noqa: PLC0415
 
             return cupy
