@@ -19,11 +19,11 @@ import json
 import fakecupy
 import numpy as np
 import pytest
+import test_ops
 from conftest import TINY_ARGS, check_ok, describe_run
 from device_util import assert_same, device_env, device_names, on_device
 from gradcheck import check_gradients
 from mpi_util import parse_verdict, run_mpi, script
-import test_ops
 from test_ops import CASES
 
 from mpipar import backend, comm
@@ -284,13 +284,19 @@ def test_train_resume_and_generate_with_device_gpu(device, run_train, run_python
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 def test_layouts_on_device_under_mpirun(device):
-    """2 ranks: dp 2, tp 2 and pp 2 on the device equal the numpy run of the same layout."""
+    """2 ranks: dp 2, tp 2 and pp 2 on the device equal the numpy run of the same layout
+    (host-staged and CUDA-aware), and so do ZeRO-1, ZeRO-3, sequence parallelism and the
+    interleaved pipeline with recomputation (host-staged)."""
     spec = {"device": device, "exact": device == "fakecupy", "steps": 2}
     proc = run_mpi(2, [script("device_checks.py"), json.dumps(spec)], timeout=150,
                    env=device_env(device))
     verdict = parse_verdict(proc)
     assert proc.returncode == 0, describe_run(proc)
-    assert sorted(verdict) == sorted(f"{layout} {mode}" for layout in ("dp", "tp", "pp")
-                                     for mode in ("staged", "cuda-aware")), verdict
+    expected = [f"{layout} {mode}" for layout in ("dp", "tp", "pp")
+                for mode in ("staged", "cuda-aware")]
+    expected += [f"{variant} staged" for variant in ("dp zero1", "dp zero3",
+                                                     "tp sequence-parallel",
+                                                     "pp interleaved, recompute")]
+    assert sorted(verdict) == sorted(expected), verdict
     failed = {name: msgs for name, msgs in verdict.items() if msgs}
     assert not failed, failed

@@ -33,14 +33,24 @@ from mpipar.training import TrainConfig, Trainer
 
 TEXT = "Sphinx of black quartz, judge my vow; pack my box with five dozen jugs.\n" * 30
 LAYOUTS = {"dp": (2, 1, 1), "tp": (1, 2, 1), "pp": (1, 1, 2)}
+# More of the parallel code, host-staged only: (layout, TrainConfig overrides).
+VARIANTS = {
+    "dp zero1": ((2, 1, 1), {"zero": 1}),
+    "dp zero3": ((2, 1, 1), {"zero": 3}),
+    "tp sequence-parallel": ((1, 2, 1), {"sequence_parallel": True}),
+    "pp interleaved, recompute": ((1, 1, 2), {"schedule": "interleaved", "virtual_stages": 2,
+                                              "n_layer": 4, "recompute": "full"}),
+}
 
 
-def train(world: Comm, layout: tuple[int, int, int], steps: int) -> tuple:
+def train(world: Comm, layout: tuple[int, int, int], steps: int,
+          options: dict | None = None) -> tuple:
+    options = dict(options or {})
     tok = CharTokenizer.from_text(TEXT)
-    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=16, seq_len=16,
-                    dtype="float64")
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=options.pop("n_layer", 2), n_head=2,
+                    d_model=16, seq_len=16, dtype="float64")
     tc = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=0,
-                     microbatches=2)
+                     microbatches=2, **options)
     grid = ProcessGrid.build(world, *layout)
     trainer = Trainer(cfg, tc, grid, make_dataset(TEXT, tok, seq_len=16), Tracer(world.rank))
     metrics = [trainer.train_step() for _ in range(steps)]
@@ -84,8 +94,15 @@ def main() -> None:
                 compare(got, want, spec["exact"])
                 if synced is not None:  # the stand-in counts synchronisations
                     assert (after > synced) == (aware == "1"), (mode, synced, after)
-    backend.use_device("cpu")
     os.environ[CUDA_AWARE_ENV] = "0"
+    for name, (layout, options) in VARIANTS.items():
+        backend.use_device("cpu")
+        want = train(world, layout, spec["steps"], options)
+        backend.use_module(module)
+        got = train(world, layout, spec["steps"], options)
+        with checks.check(f"{name} staged"):
+            compare(got, want, spec["exact"])
+    backend.use_device("cpu")
     checks.report()
 
 
