@@ -290,8 +290,9 @@ _NAMES = (
     "abs", "add", "allclose", "arange", "argmax", "argsort", "array_equal", "broadcast_to",
     "concatenate", "divide", "dot", "einsum", "empty", "empty_like", "equal", "exp",
     "expand_dims", "flatnonzero", "full", "full_like", "isfinite", "log", "matmul", "maximum",
-    "minimum", "multiply", "ndim", "negative", "ones", "ones_like", "split", "sqrt", "square", "stack",
-    "subtract", "sum", "tanh", "tril", "triu", "triu_indices", "where", "zeros", "zeros_like",
+    "minimum", "multiply", "ndim", "negative", "ones", "ones_like", "split", "sqrt", "square",
+    "stack", "subtract", "sum", "tanh", "tril", "triu", "triu_indices", "where", "zeros",
+    "zeros_like",
 )
 _FUNCTIONS: dict[str, Any] = {n: _numpy_function(n) for n in _NAMES}
 _FUNCTIONS.update(asarray=asarray, array=array, ascontiguousarray=ascontiguousarray)

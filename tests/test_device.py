@@ -33,6 +33,7 @@ from mpipar.data import CharTokenizer, make_dataset
 from mpipar.grid import ProcessGrid
 from mpipar.model import GPTConfig, build_model
 from mpipar.parallel.full_state import full_state
+from mpipar.precision import resolve_precision
 from mpipar.trace import Tracer
 from mpipar.training import TrainConfig, Trainer
 
@@ -246,6 +247,13 @@ def test_fp16_training_runs_on_device(device):
     with on_device(device):
         _, got, *_ = _train("adamw", precision="fp16", dtype="float32", steps=2)
     assert np.all(np.isfinite(got)) and abs(got[0] - losses[0]) < 1e-2, (got, losses)
+
+
+def test_bf16_is_refused_on_a_device():
+    """cupy has no bfloat16 arrays: --precision bf16 is a usage error on a GPU, not a crash."""
+    resolve_precision("bf16", "float32")  # numpy has it (ml_dtypes)
+    with on_device("fakecupy"), pytest.raises(ValueError, match="cupy has no bfloat16"):
+        resolve_precision("bf16", "float32")
 
 
 # --------------------------------------------------------------------------------------------
