@@ -73,6 +73,14 @@ def array_module(*arrays) -> types.ModuleType:
     return np
 
 
+def synchronize() -> None:
+    """Wait until the device has finished the work queued so far (nothing to wait for on the
+    CPU). A GPU runs kernels asynchronously: a host clock read without this measures launches,
+    not the work."""
+    if _state["device"] == "gpu":
+        _state["xp"].cuda.get_current_stream().synchronize()
+
+
 def to_numpy(a) -> np.ndarray:
     """A host (numpy) copy of ``a``, or ``a`` itself when it already is a numpy array."""
     if isinstance(a, np.ndarray):

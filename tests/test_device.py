@@ -14,6 +14,7 @@ and mpipar.generate with ``--device gpu``), and the dp, tp and pp layouts under 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import fakecupy
@@ -34,6 +35,7 @@ from mpipar.grid import ProcessGrid
 from mpipar.model import GPTConfig, build_model
 from mpipar.parallel.full_state import full_state
 from mpipar.precision import resolve_precision
+from mpipar.profile import Profiler
 from mpipar.trace import Tracer
 from mpipar.training import TrainConfig, Trainer
 
@@ -249,6 +251,26 @@ def test_fp16_training_runs_on_device(device):
     assert np.all(np.isfinite(got)) and abs(got[0] - losses[0]) < 1e-2, (got, losses)
 
 
+def test_profiler_waits_for_the_device_at_each_region():
+    """Kernels run asynchronously on a GPU: the profiler synchronises at every region
+    boundary, so each operation's row holds its own kernels' time (none on the CPU)."""
+    tok = CharTokenizer.from_text(TEXT)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=8, seq_len=8)
+    tc = TrainConfig(steps=1, batch_size=2, eval_tokens=16)
+    counter = fakecupy.cuda.Stream
+    for device, expect_syncs in (("numpy", False), ("fakecupy", True)):
+        with on_device(device) if device != "numpy" else contextlib.nullcontext():
+            profiler = Profiler(0)
+            trainer = Trainer(cfg, tc, ProcessGrid.single(), make_dataset(TEXT, tok, seq_len=8),
+                              profiler)
+            before = counter.synchronizations
+            trainer.train_step()
+            regions = sum(row[0] for row in profiler.rows.values())
+            syncs = counter.synchronizations - before
+        assert regions > 20
+        assert syncs >= 2 * regions if expect_syncs else syncs == 0, (device, syncs, regions)
+
+
 def test_bf16_is_refused_on_a_device():
     """cupy has no bfloat16 arrays: --precision bf16 is a usage error on a GPU, not a crash."""
     resolve_precision("bf16", "float32")  # numpy has it (ml_dtypes)
@@ -293,8 +315,8 @@ def test_train_resume_and_generate_with_device_gpu(device, run_train, run_python
 @pytest.mark.parametrize("device", DEVICES)
 def test_layouts_on_device_under_mpirun(device):
     """2 ranks: dp 2, tp 2 and pp 2 on the device equal the numpy run of the same layout
-    (host-staged and CUDA-aware), and so do ZeRO-1, ZeRO-3, sequence parallelism and the
-    interleaved pipeline with recomputation (host-staged)."""
+    (host-staged and CUDA-aware), and so do ZeRO-1/2/3, the ring all-reduce, sequence
+    parallelism, GPipe and the interleaved pipeline with recomputation (host-staged)."""
     spec = {"device": device, "exact": device == "fakecupy", "steps": 2}
     proc = run_mpi(2, [script("device_checks.py"), json.dumps(spec)], timeout=150,
                    env=device_env(device))
@@ -302,9 +324,9 @@ def test_layouts_on_device_under_mpirun(device):
     assert proc.returncode == 0, describe_run(proc)
     expected = [f"{layout} {mode}" for layout in ("dp", "tp", "pp")
                 for mode in ("staged", "cuda-aware")]
-    expected += [f"{variant} staged" for variant in ("dp zero1", "dp zero3",
-                                                     "tp sequence-parallel",
-                                                     "pp interleaved, recompute")]
+    expected += [f"{variant} staged" for variant in (
+        "dp zero1", "dp zero2", "dp zero3", "dp ring all-reduce, per-param", "pp gpipe",
+        "tp sequence-parallel", "pp interleaved, recompute")]
     assert sorted(verdict) == sorted(expected), verdict
     failed = {name: msgs for name, msgs in verdict.items() if msgs}
     assert not failed, failed

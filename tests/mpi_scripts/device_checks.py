@@ -36,7 +36,11 @@ LAYOUTS = {"dp": (2, 1, 1), "tp": (1, 2, 1), "pp": (1, 1, 2)}
 # More of the parallel code, host-staged only: (layout, TrainConfig overrides).
 VARIANTS = {
     "dp zero1": ((2, 1, 1), {"zero": 1}),
+    "dp zero2": ((2, 1, 1), {"zero": 2}),
     "dp zero3": ((2, 1, 1), {"zero": 3}),
+    "dp ring all-reduce, per-param": ((2, 1, 1), {"allreduce": "ring",
+                                                  "dp_strategy": "per_param"}),
+    "pp gpipe": ((1, 1, 2), {"schedule": "gpipe"}),
     "tp sequence-parallel": ((1, 2, 1), {"sequence_parallel": True}),
     "pp interleaved, recompute": ((1, 1, 2), {"schedule": "interleaved", "virtual_stages": 2,
                                               "n_layer": 4, "recompute": "full"}),
