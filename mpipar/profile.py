@@ -44,8 +44,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from mpipar import fused, ops
-from mpipar.backend import synchronize
 from mpipar.autograd import Context, Function, set_op_timer
+from mpipar.backend import synchronize
 from mpipar.trace import COMPUTE, Tracer, TraceRecord, to_chrome_trace
 
 _NULL = contextlib.nullcontext()
