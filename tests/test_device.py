@@ -77,6 +77,10 @@ def _missing_function(x):
     return fakecupy.tensordot(x, x.T)  # one mpipar does not use: not in the stand-in
 
 
+def _numpy_ufunc_method(x):
+    np.add.at(x, [0], 1.0)  # numpy's ufunc method on a device array: xp.add.at is the one
+
+
 def _missing_method(x):
     return x.tobytes()
 
@@ -92,7 +96,7 @@ def _unstaged_mpi_buffer(x, monkeypatch):
 
 MISTAKES = [_host_conversion, _host_array, _dunder_array, _numpy_plus_device,
             _device_plus_numpy, _xp_with_numpy_input, _assign_numpy, _missing_function,
-            _missing_method, _bfloat16, _unstaged_mpi_buffer]
+            _numpy_ufunc_method, _missing_method, _bfloat16, _unstaged_mpi_buffer]
 
 
 @pytest.mark.parametrize("mistake", MISTAKES, ids=[m.__name__.strip("_") for m in MISTAKES])
