@@ -27,7 +27,7 @@ from gradcheck import check_gradients
 from mpi_util import parse_verdict, run_mpi, script
 from test_ops import CASES
 
-from mpipar import backend, comm
+from mpipar import backend, comm, ops
 from mpipar.autograd import Tensor
 from mpipar.checkpoint import load_checkpoint
 from mpipar.data import CharTokenizer, make_dataset
@@ -108,6 +108,22 @@ def test_standin_refuses(mistake, monkeypatch):
         mistake(x, *args)
     if mistake not in (_missing_function, _bfloat16, _xp_with_numpy_input):
         mistake(np.arange(6.0).reshape(2, 3), *args)  # fine on the host
+
+
+def test_numpy_written_into_an_op_fails_on_the_standin(monkeypatch):
+    """ops.py with numpy in place of xp (a slip that numpy alone never shows): the embedding's
+    gradient then builds a host array and scatters device rows into it, which fails."""
+    monkeypatch.setattr(ops, "array_module", lambda *arrays: np)
+    ids, weight = np.array([[1, 3, 1]]), np.arange(12.0).reshape(4, 3)
+
+    def grad(xp):
+        w = Tensor(xp.asarray(weight), requires_grad=True)
+        ops.embedding(w, xp.asarray(ids)).backward(xp.ones((1, 3, 3)))
+        return w.grad
+
+    assert grad(np)[1].tolist() == [2.0, 2.0, 2.0]
+    with on_device("fakecupy") as xp, pytest.raises(TypeError):
+        grad(xp)
 
 
 def test_standin_is_numpy_where_cupy_is():
