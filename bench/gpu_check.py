@@ -126,11 +126,11 @@ def failed_run(proc: subprocess.CompletedProcess) -> str | None:
     return f"exit {proc.returncode}\n      " + "\n      ".join(tail)
 
 
-def run_tests(report: Report) -> None:
+def run_tests(report: Report, cuda_aware: bool) -> None:
     print("1. the GPU-path tests, on the stand-in and on this GPU", flush=True)
     t0 = time.perf_counter()
     proc = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                "tests/test_device.py"], {})
+                "tests/test_device.py"], {"MPIPAR_CUDA_AWARE_MPI": "1" if cuda_aware else "0"})
     report.check("tests/test_device.py", failed_run(proc), time.perf_counter() - t0)
 
 
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     env = {"MPIPAR_DEVICE_MODULE": opts.module}
     if not opts.no_tests:
-        run_tests(report)
+        run_tests(report, opts.cuda_aware)
     with tempfile.TemporaryDirectory() as tmp:
         equivalence(opts, env, tmp, report)
         if opts.bench_presets:

@@ -1,15 +1,15 @@
 """dp, tp and pp on a device module against numpy, in one ``mpirun`` launch.
 
 Usage: ``mpirun -n 2 python tests/mpi_scripts/device_checks.py '<json>'`` with
-``{"device": "fakecupy" | "cupy", "exact": bool, "steps": S}`` (the device module must be
-importable: ``tests/`` on ``PYTHONPATH`` for the stand-in).
+``{"device": "fakecupy" | "cupy", "exact": bool, "steps": S, "cuda_aware": bool}`` (the
+device module must be importable: ``tests/`` on ``PYTHONPATH`` for the stand-in).
 
-For each layout every rank trains on numpy, then on the device twice: with MPI buffers staged
-through host copies, and with ``MPIPAR_CUDA_AWARE_MPI=1`` (device buffers handed to MPI, after
-a device synchronisation). Losses, gradient norms, parameters and optimizer state (assembled
-to full shapes) must equal the numpy run's: bit for bit on the stand-in (``exact``), to a
-relative 1e-10 on a GPU. The CUDA-aware run must have synchronised the device (it passed
-device buffers); the staged one must not have needed to.
+For each layout every rank trains on numpy, then on the device: with MPI buffers staged
+through host copies, and (``cuda_aware``) with ``MPIPAR_CUDA_AWARE_MPI=1``, device buffers
+handed to MPI after a device synchronisation. Losses, gradient norms, parameters and
+optimizer state (assembled to full shapes) must equal the numpy run's: bit for bit on the
+stand-in (``exact``), to a relative 1e-10 on a GPU. The CUDA-aware run must have synchronised
+the device (it passed device buffers); the staged one must not have needed to.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def main() -> None:
     for name, layout in LAYOUTS.items():
         backend.use_device("cpu")
         want = train(world, layout, spec["steps"])
-        for mode, aware in (("staged", "0"), ("cuda-aware", "1")):
+        modes = (("staged", "0"), ("cuda-aware", "1"))[:2 if spec["cuda_aware"] else 1]
+        for mode, aware in modes:
             os.environ[CUDA_AWARE_ENV] = aware
             backend.use_module(module)
             synced = getattr(type(stream), "synchronizations", None)
