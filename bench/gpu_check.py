@@ -208,7 +208,10 @@ def torch_tokens_per_s(torch, model: list[str], precision: str, steps: int) -> f
     sys.path.insert(0, str(REPO / "bench"))
     from bench_peers import torch_model  # noqa: PLC0415
 
-    cfg, vocab = model_config(model), 96
+    from mpipar.data import CharTokenizer, default_corpus  # noqa: PLC0415
+
+    cfg = model_config(model)
+    vocab = CharTokenizer.from_text(default_corpus()[0]).vocab_size  # train.py's corpus
     torch.manual_seed(0)
     net = torch_model(cfg, vocab).cuda()
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)

@@ -4,8 +4,10 @@ deliberately wrong device module, which must fail."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
-from conftest import describe_run
+from conftest import REPO, describe_run
 from device_util import device_env, real_cupy
 
 SCRIPT = "bench/gpu_check.py"
@@ -55,3 +57,15 @@ def test_a_wrong_device_fails_the_check(run_python, tmp_path):
     assert proc.returncode == 1, describe_run(proc)
     assert "FAIL 1 process" in proc.stdout and "relative difference" in proc.stdout, (
         describe_run(proc))
+
+
+def test_the_benchmark_models_are_train_py_s():
+    """The PyTorch side of the throughput comparison builds the model train.py builds."""
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    from mpipar.model import PRESETS
+
+    assert gpu_check.model_config(gpu_check.BENCH["tiny"]) == PRESETS["tiny"]
+    assert gpu_check.model_config(gpu_check.BENCH["large"]) == dict(
+        n_layer=8, n_head=8, d_model=512, seq_len=256, batch_size=32)
