@@ -40,10 +40,20 @@ def use_device(device: str) -> types.ModuleType:
     return _state["xp"]
 
 
+# The rank's index among the ranks on its node, as MPICH's and Open MPI's launchers set it.
+LOCAL_RANK_ENVS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
+
+
 def use_module(module: types.ModuleType) -> types.ModuleType:
-    """Compute with ``module``: numpy (the CPU), or a device module with cupy's interface."""
+    """Compute with ``module``: numpy (the CPU), or a device module with cupy's interface.
+
+    On a node with several GPUs the ranks take them in turn: local rank r uses device
+    r mod (number of devices), so ranks share a GPU only when there are more ranks than GPUs.
+    """
     if module is np:
         return use_device("cpu")
+    local = next((int(os.environ[v]) for v in LOCAL_RANK_ENVS if os.environ.get(v)), 0)
+    module.cuda.Device(local % module.cuda.runtime.getDeviceCount()).use()
     _state.update(xp=module, device="gpu", gpu=module)
     return module
 

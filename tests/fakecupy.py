@@ -326,6 +326,8 @@ class _Stream:
 
 
 class _Device:
+    current = 0  # the device of the latest ``use()``, for tests
+
     def __init__(self, device: int = 0) -> None:
         self.id = device
 
@@ -333,7 +335,7 @@ class _Device:
         _Stream.synchronizations += 1
 
     def use(self) -> None:
-        return None
+        _Device.current = self.id
 
     def __enter__(self) -> _Device:
         return self

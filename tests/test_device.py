@@ -291,6 +291,19 @@ def test_profiler_waits_for_the_device_at_each_region():
         assert syncs >= 2 * regions if expect_syncs else syncs == 0, (device, syncs, regions)
 
 
+def test_each_local_rank_takes_its_own_gpu(monkeypatch):
+    """Local rank r of a node uses device r mod (devices); 0 without a launcher."""
+    monkeypatch.setattr(fakecupy.cuda.runtime, "getDeviceCount", lambda: 4)
+    for env, rank, device in (("", "", 0), ("MPI_LOCALRANKID", "2", 2),
+                              ("OMPI_COMM_WORLD_LOCAL_RANK", "5", 1)):
+        for v in backend.LOCAL_RANK_ENVS:
+            monkeypatch.delenv(v, raising=False)
+        if env:
+            monkeypatch.setenv(env, rank)
+        with on_device("fakecupy"):
+            assert fakecupy.cuda.Device.current == device, (env, rank)
+
+
 def test_bf16_is_refused_on_a_device():
     """cupy has no bfloat16 arrays: --precision bf16 is a usage error on a GPU, not a crash."""
     resolve_precision("bf16", "float32")  # numpy has it (ml_dtypes)
