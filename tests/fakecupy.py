@@ -15,9 +15,10 @@ cupy's arrays live in device memory, and cupy differs from numpy exactly where t
 This module has the same behaviour, computing with numpy underneath: an :class:`ndarray`
 wraps a numpy array that nothing outside this module touches. It provides the functions,
 dtypes and ``cuda`` calls mpipar uses and nothing else: a new ``xp.<name>`` raises
-``AttributeError`` here until it is added (after checking cupy has it). Stricter than cupy in
-one place: ``a[...] = h`` with a numpy ``h`` is refused (cupy copies it silently); write
-``xp.asarray(h)`` so the host-to-device copy shows.
+``AttributeError`` here until it is added (after checking cupy has it). Its ufuncs have one
+method, ``at`` (cupy 13's); numpy's ufunc methods on a device array (``np.add.at(a, ...)``)
+raise. Stricter than cupy in one place: ``a[...] = h`` with a numpy ``h`` is refused (cupy
+may copy it over implicitly); write ``xp.asarray(h)`` so the host-to-device copy shows.
 
 MPI buffers. The array offers no buffer to mpi4py, so a device array handed to MPI without
 host staging fails, as it would (worse: crash) with an MPI that is not CUDA-aware. With
