@@ -10,7 +10,7 @@ ARGS   ?=
 export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: venv train test lint figures bench course-check clean
+.PHONY: venv train test lint figures bench course-check gpu-check clean
 
 # One line per stage; pip itself prints nothing unless something fails (-qq keeps errors).
 $(BIN)/activate: setup.cfg pyproject.toml
@@ -56,6 +56,15 @@ bench: venv
 ## course-check: the course proves itself: reference 100%, handouts 0, every lab caught (minutes)
 course-check: venv
 	$(BIN)/python -m mpipar.course check
+
+## gpu-check: on a CUDA machine, installs cupy (the gpu extra) and checks mpipar on the GPU
+## against the CPU (tests, train.py, mpirun dp/tp/pp) and its throughput; without a GPU it
+## says so and checks nothing (ARGS="--cuda-aware" adds device buffers to MPI)
+gpu-check: venv
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "make: installing the gpu extra (cupy)"; \
+	  $(BIN)/pip install -qq --disable-pip-version-check -e '.[gpu]'; fi
+	$(BIN)/python bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -106,7 +106,7 @@ def torch_model(cfg: dict, vocab: int):
                     nn.init.normal_(p, std=0.02)
 
         def forward(self, idx, targets):
-            x = self.wte(idx) + self.wpe(torch.arange(t))
+            x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
             for block in self.blocks:
                 x = block(x)
             logits = self.ln_f(x) @ self.wte.weight.T

@@ -430,8 +430,9 @@ def scatter_add_rows(shape: tuple[int, int], idx: Any, rows: Any) -> Any:
         out[keys] = grouped
         return out
     bounds = [*starts.tolist(), len(keys)]
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        xp.add.reduce(grouped[lo:hi], axis=0, out=out[int(keys[lo])])
+    targets = keys[starts].tolist()  # one device-to-host copy, not one per group
+    for lo, hi, k in zip(bounds[:-1], bounds[1:], targets, strict=True):
+        grouped[lo:hi].sum(axis=0, out=out[k])  # = add.reduce (cupy 12 has no ufunc.reduce)
     return out
 
 

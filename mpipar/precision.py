@@ -65,7 +65,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from mpipar.backend import array_module
+from mpipar.backend import array_module, device
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 FLOAT16 = np.dtype(np.float16)
@@ -105,10 +105,14 @@ def resolve_precision(name: str, master: str) -> Precision:
 
     A 16-bit precision keeps float32 masters. float64 is the exactness mode, in which every
     layout matches the 1-process run to ~1e-10; 16-bit arithmetic would throw that away, so
-    the combination is refused rather than silently meaning something else.
+    the combination is refused rather than silently meaning something else. bf16 is refused
+    on a GPU (cupy has no bfloat16 type).
     """
     if name not in PRECISIONS:
         raise ValueError(f"--precision {name!r} is not one of {', '.join(PRECISIONS)}")
+    if name == "bf16" and device() == "gpu":
+        raise ValueError("--precision bf16 computes with numpy's bfloat16 (ml_dtypes), and "
+                         "cupy has no bfloat16 arrays: use --precision fp16 on a GPU")
     if name != "fp32" and master != "float32":
         raise ValueError(f"--precision {name} keeps float32 master weights; --dtype {master} "
                          "is the exactness mode and computes in its own dtype only (use "

@@ -29,7 +29,9 @@ communication exactly as the tracer does, so ``--trace`` and ``--profile`` work 
 Off, it costs nothing: the autograd hook is one attribute check per operation, and the
 trainer's regions are shared no-op context managers. On, each operation costs two clock reads
 and a few dictionary updates, a few microseconds: about 4% of a ``tiny`` step, less for
-larger models (``bench/bench_profile.py`` measures it).
+larger models (``bench/bench_profile.py`` measures it). On a GPU, whose kernels run
+asynchronously, every region boundary also waits for the device (``backend.synchronize``), so
+each kernel's time is charged to the operation that launched it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Any
 
 from mpipar import fused, ops
 from mpipar.autograd import Context, Function, set_op_timer
+from mpipar.backend import synchronize
 from mpipar.trace import COMPUTE, Tracer, TraceRecord, to_chrome_trace
 
 _NULL = contextlib.nullcontext()
@@ -126,11 +129,13 @@ class Profiler(Tracer):
 
     # -- regions -----------------------------------------------------------------------------
     def _push(self) -> None:
+        synchronize()  # on a GPU: the work queued before the region is not charged to it
         self._stack.append([time.perf_counter(), 0.0])
 
     def _pop(self, label: str, flops: int = 0) -> float:
         """Close the innermost region: charge its exclusive time to ``label``; return its
-        whole duration."""
+        whole duration (on a GPU, once the region's kernels have finished)."""
+        synchronize()
         end = time.perf_counter()
         start, nested = self._stack.pop()
         total = end - start

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mpipar.autograd import Tensor, no_grad
+from mpipar.backend import array_module, to_numpy
 
 
 def _projected(out: Tensor, r: np.ndarray, label: str) -> float:
@@ -81,14 +82,15 @@ def check_gradients(
     rng = np.random.default_rng(seed)
     r = rng.standard_normal(out.shape) / math.sqrt(max(out.size, 1))
     _projected(out, r, label)  # refuse a non-finite output before anything else
-    out.backward(r.astype(out.dtype))
+    out.backward(array_module(out.data).asarray(r.astype(out.dtype)))  # on out's device
 
     for name, t in inputs.items():
         if not np.array_equal(t.numpy(), before[name]):
             raise AssertionError(f"{label}: fn modified its input {name!r} in place")
 
     for name, t in checked.items():
-        analytic = np.zeros(t.shape) if t.grad is None else np.asarray(t.grad, dtype=np.float64)
+        analytic = (np.zeros(t.shape) if t.grad is None
+                    else np.asarray(to_numpy(t.grad), dtype=np.float64))
         if analytic.shape != t.shape:
             raise AssertionError(
                 f"{label}: gradient of {name!r} has shape {analytic.shape}, input {t.shape}"
