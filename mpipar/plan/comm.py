@@ -33,12 +33,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from mpipar.parallel.pipeline.instructions import PointToPoint, SendRecv
-from mpipar.parallel.pipeline.schedules import build_schedule
 from mpipar.parallel.ring import chunk_bounds
 from mpipar.plan.layout import Layout
 from mpipar.plan.memory import (
     block_parameters,
     rank_parameters,
+    rank_program,
     rest_parameters,
     stage_chunks,
 )
@@ -124,8 +124,7 @@ def pp_calls(shape: ModelShape, layout: Layout, pp_rank: int) -> list[Calls]:
         return []
     s = shape.seq_len // (layout.tp if layout.sequence_parallel else 1)
     msg = layout.micro_batch * s * shape.d_model * layout.item
-    program = build_schedule(layout.schedule, layout.pp, layout.microbatches,
-                             layout.virtual_stages)[pp_rank]
+    program = rank_program(layout, pp_rank)
     k = sum(isinstance(i, PointToPoint | SendRecv) for i in program)
     out = [Calls("pp", "p2p", k, k * msg)]
     chunks = stage_chunks(shape, layout, pp_rank)

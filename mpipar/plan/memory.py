@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 from mpipar.activations import formula_bytes
 from mpipar.parallel.pipeline.instructions import Backward, Forward
@@ -111,6 +112,18 @@ def state_bytes(shape: ModelShape, layout: Layout, pp_rank: int = 0) -> tuple[in
     return (shard + buffers) * e, shard * e, 2 * shard * se
 
 
+@lru_cache(maxsize=256)
+def _schedule(name: str, p: int, m: int, v: int) -> tuple[tuple, ...]:
+    return tuple(tuple(program) for program in build_schedule(name, p, m, v))
+
+
+def rank_program(layout: Layout, pp_rank: int) -> tuple:
+    """The instruction list of ``pp_rank`` under the layout's schedule (built once, cached:
+    a search asks for the same schedule many times)."""
+    return _schedule(layout.schedule, layout.pp, layout.microbatches,
+                     layout.virtual_stages)[pp_rank]
+
+
 def in_flight_layers(shape: ModelShape, layout: Layout, pp_rank: int) -> tuple[int, int]:
     """(blocks, head copies) whose activations ``pp_rank`` holds at its fullest moment.
 
@@ -121,8 +134,7 @@ def in_flight_layers(shape: ModelShape, layout: Layout, pp_rank: int) -> tuple[i
     chunks = stage_chunks(shape, layout, pp_rank)
     if layout.pp == 1:
         return chunks[0][0], 1
-    program = build_schedule(layout.schedule, layout.pp, layout.microbatches,
-                             layout.virtual_stages)[pp_rank]
+    program = rank_program(layout, pp_rank)
     live, heads, best = 0, 0, (0, 0)
     for instr in program:
         if isinstance(instr, Forward | Backward):
@@ -167,4 +179,4 @@ def memory_per_device(shape: ModelShape, layout: Layout) -> MemoryEstimate:
 
 __all__ = ["MemoryEstimate", "activation_bytes", "block_parameters", "in_flight_layers",
            "memory_for_rank", "memory_per_device", "parameter_count", "rank_parameters",
-           "rest_parameters", "stage_chunks", "state_bytes"]
+           "rank_program", "rest_parameters", "stage_chunks", "state_bytes"]
