@@ -18,8 +18,9 @@ ZeRO-0 that is 2Ψ + 2Ψ + 12Ψ = 16Ψ = 2.8 TB, the number of the ZeRO paper (R
 2020, §3.1: K = 12).
 
 Activations: each block keeps `mpipar.activations.formula_bytes` for every microbatch in
-flight (counted from the schedule itself, `in_flight_layers`), the stage's input too, and the
-last stage its head (ln_f, the head's input and the fp32 softmax of the loss).
+flight (counted from the schedule itself, `in_flight_layers`), a pipeline stage its received
+input too, and the last stage its head (ln_f, the head's input and the fp32 softmax of the
+loss).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from mpipar.activations import formula_bytes
+from mpipar.activations import formula_bytes, korthikanti_bytes
 from mpipar.parallel.pipeline.instructions import Backward, Forward
 from mpipar.parallel.pipeline.schedules import build_schedule
 from mpipar.parallel.ring import chunk_bounds
@@ -93,6 +94,15 @@ def _pad(n: int, d: int) -> int:
     return -(-n // d) * d
 
 
+def model_state_bytes(psi: int, dp: int, zero: int, item: int = 2, state: int = 12) -> float:
+    """The ZeRO paper's model states per device (Rajbhandari et al. 2020, §5 and Figure 1):
+    (2 + 2 + K)Ψ, 2Ψ + 2Ψ + KΨ/N, 2Ψ + (2 + K)Ψ/N and (2 + 2 + K)Ψ/N for stages 0–3, with
+    ``item`` bytes per parameter and gradient and K = ``state`` bytes of optimizer state per
+    parameter (12 for mixed-precision Adam). `state_bytes` is mpipar's exact count."""
+    p, g, k, n = item * psi, item * psi, state * psi, dp
+    return [p + g + k, p + g + k / n, p + (g + k) / n, (p + g + k) / n][zero]
+
+
 def state_bytes(shape: ModelShape, layout: Layout, pp_rank: int = 0) -> tuple[int, int, int]:
     """(parameter, gradient, optimizer-state) bytes of one rank, as `memory_report` says."""
     psi, d, e, se = rank_parameters(shape, layout, pp_rank), layout.dp, layout.item, \
@@ -124,40 +134,54 @@ def rank_program(layout: Layout, pp_rank: int) -> tuple:
                      layout.virtual_stages)[pp_rank]
 
 
-def in_flight_layers(shape: ModelShape, layout: Layout, pp_rank: int) -> tuple[int, int]:
-    """(blocks, head copies) whose activations ``pp_rank`` holds at its fullest moment.
+def in_flight_layers(shape: ModelShape, layout: Layout, pp_rank: int) -> tuple[int, int, int]:
+    """(blocks, head copies, chunk inputs) whose activations ``pp_rank`` holds at its fullest.
 
     Walks the rank's instruction list (`mpipar.parallel.pipeline.schedules`): a Forward of
-    chunk c adds its blocks to the stash, the Backward of the same (microbatch, chunk) frees
-    them. Without pipelining one microbatch runs forward and backward at a time.
+    chunk c adds its blocks (and its input) to the stash, the Backward of the same
+    (microbatch, chunk) frees them. Without pipelining one microbatch runs forward and
+    backward at a time, and its input is the embedding's output, kept by no operation.
     """
     chunks = stage_chunks(shape, layout, pp_rank)
     if layout.pp == 1:
-        return chunks[0][0], 1
-    program = rank_program(layout, pp_rank)
-    live, heads, best = 0, 0, (0, 0)
-    for instr in program:
+        return chunks[0][0], 1, 0
+    live, best = (0, 0, 0), (0, 0, 0)
+    for instr in rank_program(layout, pp_rank):
         if isinstance(instr, Forward | Backward):
             sign = 1 if isinstance(instr, Forward) else -1
-            live += sign * chunks[instr.chunk][0]
-            heads += sign * chunks[instr.chunk][2]
-            best = max(best, (live, heads))
+            blocks, _, post = chunks[instr.chunk]
+            live = (live[0] + sign * blocks, live[1] + sign * post, live[2] + sign)
+            best = max(best, live)
     return best
 
 
-def activation_bytes(shape: ModelShape, layout: Layout, pp_rank: int = 0) -> int:
+def block_activation_bytes(shape: ModelShape, layout: Layout,
+                           structure: str = "mpipar") -> float:
+    """Bytes one block keeps for one microbatch: mpipar's operations
+    (`mpipar.activations.formula_bytes`), or with ``structure="megatron"`` Megatron's block
+    in 16-bit with dropout, Korthikanti et al. 2022's sbh(34 + 5as/h) and its tp/sp forms."""
+    b, s, h, a = layout.micro_batch, shape.seq_len, shape.d_model, shape.n_head
+    if structure == "megatron":
+        return korthikanti_bytes(b, s, h, a, recompute=layout.recompute, tp=layout.tp,
+                                 sequence_parallel=layout.sequence_parallel)
+    if structure != "mpipar":
+        raise ValueError(f"structure must be mpipar or megatron, got {structure!r}")
+    return formula_bytes(b, s, h, a, layout.item, recompute=layout.recompute, tp=layout.tp,
+                         sequence_parallel=layout.sequence_parallel)
+
+
+def activation_bytes(shape: ModelShape, layout: Layout, pp_rank: int = 0,
+                     structure: str = "mpipar") -> int:
     """Bytes of activations kept for backward on ``pp_rank`` at its peak (module docstring)."""
-    b, s, h, a, e, t = (layout.micro_batch, shape.seq_len, shape.d_model, shape.n_head,
-                        layout.item, layout.tp)
-    blocks, heads = in_flight_layers(shape, layout, pp_rank)
-    per_block = formula_bytes(b, s, h, a, e, recompute=layout.recompute, tp=t,
-                              sequence_parallel=layout.sequence_parallel)
+    b, s, h, e, t = layout.micro_batch, shape.seq_len, shape.d_model, layout.item, layout.tp
+    blocks, heads, inputs = in_flight_layers(shape, layout, pp_rank)
+    per_block = block_activation_bytes(shape, layout, structure)
     s_loc = s // t if layout.sequence_parallel else s
-    chunk_inputs = max(1, layout.microbatches if layout.schedule == "gpipe" else 1)
-    stage_input = b * s_loc * h * e * (chunk_inputs if layout.pp > 1 else 1)
-    head = e * (2 * b * s_loc * h + b * s_loc + b * s * h) \
+    # ln_f's x̂ and 1/σ, the head's (gathered) input, the loss's fp32 softmax over V/t.
+    head = e * (b * s_loc * h + b * s_loc + b * s * h) \
         + max(e, 4) * b * s * math.ceil(shape.vocab_size / t)
-    return blocks * per_block + stage_input + heads * head
+    stage_input = inputs * b * s_loc * h * e
+    return int(blocks * per_block) + stage_input + heads * head
 
 
 def memory_for_rank(shape: ModelShape, layout: Layout, pp_rank: int) -> MemoryEstimate:
@@ -177,6 +201,7 @@ def memory_per_device(shape: ModelShape, layout: Layout) -> MemoryEstimate:
                key=lambda m: m.peak)
 
 
-__all__ = ["MemoryEstimate", "activation_bytes", "block_parameters", "in_flight_layers",
+__all__ = ["MemoryEstimate", "activation_bytes", "block_activation_bytes", "block_parameters",
+           "in_flight_layers", "model_state_bytes",
            "memory_for_rank", "memory_per_device", "parameter_count", "rank_parameters",
            "rank_program", "rest_parameters", "stage_chunks", "state_bytes"]
