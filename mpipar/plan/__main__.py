@@ -17,8 +17,9 @@ import sys
 
 from mpipar.plan.cluster import A100_CLUSTER, GB, Cluster, load_cluster, profile_path
 from mpipar.plan.comm import Link
+from mpipar.plan.layout import Layout
 from mpipar.plan.model_shape import PUBLISHED, ModelShape, resolve_shape
-from mpipar.plan.search import Plan, command, explain, search
+from mpipar.plan.search import Plan, candidate_layouts, command, explain, search
 
 PRESET_BATCH = {"tiny": 8, "small": 16, "medium": 32}
 
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--inter-gbps", type=float, help="inter-node bandwidth, GB/s")
     c.add_argument("--inter-latency-us", type=float)
     c.add_argument("--power-w", type=float, help="power per device, for the energy estimate")
+    f = p.add_argument_group("only layouts with (each flag as train.py's)")
+    for flag in ("--dp", "--tp", "--pp", "--microbatches", "--zero"):
+        f.add_argument(flag, type=int)
+    f.add_argument("--schedule", choices=("naive", "gpipe", "1f1b", "interleaved"))
+    f.add_argument("--recompute", choices=("none", "selective", "full"))
+    f.add_argument("--sequence-parallel", choices=("yes", "no"))
     o = p.add_argument_group("output")
     o.add_argument("--top", type=int, default=10, help="layouts in the table (0: all)")
     o.add_argument("--details", type=int, default=3, help="layouts shown in full (3)")
@@ -148,11 +155,11 @@ def header(shape: ModelShape, cluster: Cluster, batch: int) -> list[str]:
 
 
 def table(plans: list[Plan]) -> list[str]:
-    lines = [f"{'#':>3}  {'layout':<42} {'peak/device':>12} {'step s':>10} {'tokens/s':>12} "
+    lines = [f"{'#':>3}  {'layout':<52} {'peak/device':>12} {'step s':>10} {'tokens/s':>12} "
              f"{'MFU':>7} {'J/token*':>9}"]
     for i, p in enumerate(plans, 1):
         st = p.step
-        lines.append(f"{i:>3}  {p.layout.describe():<42} {size(p.memory.peak):>12} "
+        lines.append(f"{i:>3}  {p.layout.describe():<52} {size(p.memory.peak):>12} "
                      f"{st.step_s:>10.4g} {st.tokens_per_s:>12,.0f} {st.mfu:>7.2%} "
                      f"{st.joules_per_token:>9.3g}")
     return lines
@@ -208,6 +215,16 @@ def json_report(shape: ModelShape, cluster: Cluster, batch: int, good: list[Plan
         "explanation": explain(good, bad, cluster)}, indent=1)
 
 
+def chosen(args: argparse.Namespace, layouts: list[Layout]) -> list[Layout]:
+    """The layouts that agree with every layout flag given."""
+    want = {k: getattr(args, k) for k in ("dp", "tp", "pp", "microbatches", "zero",
+                                          "schedule", "recompute") if getattr(args, k)
+            is not None}
+    if args.sequence_parallel:
+        want["sequence_parallel"] = args.sequence_parallel == "yes"
+    return [lay for lay in layouts if all(getattr(lay, k) == v for k, v in want.items())]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["calibrate"]:
@@ -221,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"python -m mpipar.plan: error: {e}", file=sys.stderr)
         return 2
-    good, bad = search(shape, cluster, batch, precision=args.precision)
+    good, bad = search(shape, cluster, batch, precision=args.precision,
+                       layouts=chosen(args, candidate_layouts(shape, cluster, batch,
+                                                              precision=args.precision)))
     if args.json:
         print(json_report(shape, cluster, batch, good, bad, args.top))
     else:
