@@ -5,6 +5,7 @@ are `test_plan_trace.py`'s."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,33 @@ def test_calibrate_writes_a_profile(run_python, tmp_path):
     env_run = run_python(["-m", "mpipar.plan", "--model", "tiny", "--cluster", "this",
                           "--json"], env={"MPIPAR_PROFILE": str(out)})
     assert json.loads(check_ok(env_run).stdout)["cluster"]["name"] == "this"
+
+
+def test_chapter_6_numbers_are_the_planner_s():
+    """The numbers tutorials/06_choosing_a_layout.md states without a command printing them."""
+    page = (Path(__file__).resolve().parent.parent / "tutorials"
+            / "06_choosing_a_layout.md").read_text(encoding="utf-8")
+    answers = page[page.index("## Check yourself"):]
+    seven = parameter_count(PUBLISHED["7b"])
+    assert f"Ψ = {seven:,}" in answers
+    assert f"16Ψ = {16 * seven:,} bytes" in answers
+    zero1 = sum(state_bytes(PUBLISHED["7b"], Layout(dp=64, zero=1, precision="bf16")))
+    assert f"{4 * seven + 12 * seven // 64:,} bytes" in answers and zero1 - (
+        4 * seven + 12 * seven // 64) < 16 * 64
+    one_f, inter = (bubble_fraction(Layout(pp=4, microbatches=16, schedule=s,
+                                           virtual_stages=v))
+                    for s, v in (("1f1b", 1), ("interleaved", 2)))
+    assert f"3/19 = {one_f:.1%}" in answers and f"3/35 = {inter:.1%}" in answers
+    shape = PUBLISHED["gpt3-175b"]
+    act = shape.seq_len * shape.d_model * 2
+    assert f"A = 2048 · 12288 · 2 = {act:,} bytes" in answers
+    assert f"4 · 96 · A = {4 * 96 * act:,} bytes" in answers and f"{2 * act:,} bytes" in answers
+    table = page[page.index("## 1."):page.index("## 2.")]
+    for name in ("gpt3-125m", "7b", "gpt3-175b"):
+        psi = parameter_count(PUBLISHED[name])
+        assert f"| {psi:,} |" in table, name
+    bubbles = page[page.index("## 3."):page.index("## 4.")]
+    for m in (4, 8, 16, 32):
+        for s, v in (("1f1b", 1), ("interleaved", 2)):
+            lay = Layout(pp=4, microbatches=m, schedule=s, virtual_stages=v)
+            assert f"{bubble_fraction(lay):.1%}" in bubbles, lay.describe()

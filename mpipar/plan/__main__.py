@@ -167,7 +167,8 @@ def table(plans: list[Plan]) -> list[str]:
 
 def details(i: int, p: Plan, shape: ModelShape) -> list[str]:
     m, st = p.memory, p.step
-    comm = "; ".join(f"{g} {size(b)} ({p.links[g]}-node, {st.comm_s.get(g, 0) * 1e3:.3g} ms)"
+    comm = "; ".join(f"{g} {size(b)} = {b:,} B ({p.links[g]}-node, "
+                     f"{st.comm_s.get(g, 0) * 1e3:.3g} ms)"
                      for g, b in p.comm_bytes.items()) or "none"
     return [f"#{i} {p.layout.describe()}",
             f"  memory per device (pipeline rank {m.rank}): parameters {size(m.params)}, "

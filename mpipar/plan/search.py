@@ -185,11 +185,12 @@ def explain(good: list[Plan], bad: list[Plan], cluster: Cluster) -> str:
                  f"with m = {lay.microbatches}.")
     if lay.zero:
         text += f" ZeRO-{lay.zero} cuts the optimizer state to {_gb(mem.optimizer)}."
-    others = [p for p in good[1:] if p.step.step_s > st.step_s * (1 + 1e-9)]
+    sizes = (lay.dp, lay.tp, lay.pp)
+    others = [p for p in good[1:] if (p.layout.dp, p.layout.tp, p.layout.pp) != sizes]
     if others:
         nxt = others[0]
-        text += (f" The fastest layout with another time, {nxt.layout.describe()}, is "
-                 f"{nxt.step.step_s / st.step_s - 1:.1%} slower, mostly in "
+        text += (f" The best other split of dp × tp × pp, {nxt.layout.describe()}, is "
+                 f"{nxt.step.step_s / st.step_s - 1:.2%} slower, mostly in "
                  f"{_biggest_difference(st, nxt.step)}.")
     return text
 
