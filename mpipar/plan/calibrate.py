@@ -1,7 +1,7 @@
 """`python -m mpipar.plan calibrate`: measure this machine and write the profile `--cluster
 this` reads (`mpipar.plan.cluster.profile_path`).
 
-Four measurements, each of what the planner's time model needs (`mpipar.plan.compute`):
+Five measurements, each of what the planner's time model needs (`mpipar.plan.compute`):
 
 1. **matrix products**: float32 products of the model's own shapes, (b·s × h)·(h × 3h),
    (h × h), (h × 4h), (4h × h) and the head (h × V), timed; the rate is their FLOPs, 2·M·N·K
@@ -10,8 +10,11 @@ Four measurements, each of what the planner's time model needs (`mpipar.plan.com
 3. **MPI**: a ping-pong between two ranks through `mpipar.comm.Comm` (`send`/`recv`, the calls
    the pipeline uses), over a sweep of message sizes n; half a round trip is t(n) = α + n/β,
    and α and β come from a least-squares fit of that line;
-4. **everything else**: one process trains the model for a few steps (`train.py`); what its
-   median step time leaves after (1) and (2) is the non-matrix work (LayerNorm, GELU, softmax,
+4. **sharing**: the same products on two ranks at once (`concurrent_gemm`), against one
+   alone: the fraction of its rate a core keeps while its neighbour works too, which
+   layouts of more than one device are charged;
+5. **everything else**: one process trains the model for a few steps (`train.py`); what its
+   fastest step leaves after (1) and (2) is the non-matrix work (LayerNorm, GELU, softmax,
    the Python between operations), charged per token, block and unit of width.
 
 The machine's "peak" is the measured matrix rate (a CPU has no single published one), so
@@ -111,18 +114,37 @@ def pingpong(sizes: list[int], reps: int) -> list[tuple[int, float]]:
     return out
 
 
-def sweep(sizes: list[int], reps: int, timeout: float) -> list[tuple[int, float]]:
-    """Run `pingpong` under ``mpirun -n 2`` and read rank 0's points."""
-    cmd = [mpirun(), "-n", "2", sys.executable, "-m", "mpipar.plan.calibrate", "--pingpong",
-           ",".join(map(str, sizes)), "--reps", str(reps)]
+def concurrent_gemm(preset: str, reps: int) -> float:
+    """The slowest rank's GEMM rate while every rank of this MPI job multiplies at once."""
+    from mpipar.comm import Comm
+
+    comm, shape = Comm.world(), from_preset(preset)
+    tokens = {"tiny": 8, "small": 16, "medium": 32}[preset] * shape.seq_len // comm.size
+    comm.barrier()
+    rate = gemm_rate(shape, tokens, reps)
+    return min(comm.allgather_object(rate))
+
+
+def run_worker(args: list[str], timeout: float) -> object:
+    """``python -m mpipar.plan.calibrate ARGS`` under ``mpirun -n 2``: rank 0's JSON."""
+    cmd = [mpirun(), "-n", "2", sys.executable, "-m", "mpipar.plan.calibrate", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                          cwd=ROOT, check=True, start_new_session=True)
-    return [tuple(p) for p in json.loads(out.stdout.strip().splitlines()[-1])]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def sweep(sizes: list[int], reps: int, timeout: float) -> list[tuple[int, float]]:
+    """Run `pingpong` under ``mpirun -n 2`` and read rank 0's points."""
+    points = run_worker(["--pingpong", ",".join(map(str, sizes)), "--reps", str(reps)],
+                        timeout)
+    return [tuple(p) for p in points]
 
 
 def measured_step(preset: str, steps: int, timeout: float) -> tuple[float, Layout]:
-    """Median step time of ``steps`` steps of ``preset`` on one process, and its layout."""
+    """The fastest of ``steps`` steps of ``preset`` on one process (the first left out), and
+    its layout. The fastest, not the median: on a machine shared with other work it is the
+    step least disturbed by it."""
     from mpipar.model import PRESETS
 
     batch = PRESETS[preset]["batch_size"]
@@ -134,8 +156,9 @@ def measured_step(preset: str, steps: int, timeout: float) -> tuple[float, Layou
         subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True,
                        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1",
                                       "OPENBLAS_NUM_THREADS": "1"})
-        summary = [json.loads(x) for x in metrics.read_text().splitlines() if "summary" in x]
-    return summary[-1]["median_step_time_s"], Layout(batch_size=batch)
+        lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    times = [x["step_time_s"] for x in lines if "step_time_s" in x and x["step"] > 0]
+    return min(times), Layout(batch_size=batch)
 
 
 def calibrate(preset: str = "medium", *, quick: bool = False, power_w: float = 15.0,
@@ -149,6 +172,8 @@ def calibrate(preset: str = "medium", *, quick: bool = False, power_w: float = 1
     opt = optimizer_seconds_per_param(parameter_count(shape), reps)
     sizes = [8, 65536, 1 << 20] if quick else [8 << (2 * k) for k in range(11)]
     link = fit_alpha_beta(sweep(sizes, reps, timeout))
+    alone = gemm_rate(shape, tokens // 2, reps)
+    together = run_worker(["--concurrent-gemm", preset, "--reps", str(reps)], timeout)
     step, layout = measured_step(preset, 3 if quick else 10, timeout)
     flops, blocks = rank_flops(shape, layout, 0)
     rest = step - flops / gemm - opt * parameter_count(shape)
@@ -157,7 +182,8 @@ def calibrate(preset: str = "medium", *, quick: bool = False, power_w: float = 1
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // cores
     return Cluster(name="this", devices=cores, devices_per_node=cores, memory_bytes=memory,
                    peak_flops=gemm, gemm_flops=gemm, intra=link, inter=link,
-                   overhead_s_per_token=overhead, optimizer_s_per_param=opt, power_w=power_w)
+                   overhead_s_per_token=overhead, optimizer_s_per_param=opt, power_w=power_w,
+                   concurrent_fraction=min(1.0, together / alone))
 
 
 def calibrate_main(argv: list[str]) -> int:
@@ -183,16 +209,21 @@ def calibrate_main(argv: list[str]) -> int:
     print(f"matrix products {cluster.gemm_flops / 1e9:.3g} GFLOP/s; AdamW "
           f"{cluster.optimizer_s_per_param * 1e9:.3g} ns per parameter; MPI α "
           f"{cluster.intra.alpha * 1e6:.3g} µs, β {cluster.intra.beta / 1e9:.3g} GB/s; other "
-          f"work {cluster.overhead_s_per_token * 1e9:.3g} ns per token·block·width")
+          f"work {cluster.overhead_s_per_token * 1e9:.3g} ns per token·block·width; two "
+          f"ranks at once keep {cluster.concurrent_fraction:.0%} of the rate")
     print(f"wrote {out}")
     return 0
 
 
-if __name__ == "__main__":  # the ping-pong worker, run by `sweep` under mpirun -n 2
+if __name__ == "__main__":  # the workers `run_worker` starts under mpirun -n 2
     w = argparse.ArgumentParser()
-    w.add_argument("--pingpong", required=True)
+    w.add_argument("--pingpong")
+    w.add_argument("--concurrent-gemm")
     w.add_argument("--reps", type=int, default=10)
     a = w.parse_args()
-    points = pingpong([int(x) for x in a.pingpong.split(",")], a.reps)
+    if a.pingpong:
+        points: object = pingpong([int(x) for x in a.pingpong.split(",")], a.reps)
+    else:
+        points = concurrent_gemm(a.concurrent_gemm, a.reps)
     if int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))) == 0:
         print(json.dumps(points))

@@ -8,7 +8,10 @@ Non-matrix work (LayerNorm, GELU, softmax, the Python between operations) costs
 ``overhead_s_per_token`` seconds per token, per block and per unit of width h (so it scales
 with L·h like the elementwise work does), and the optimizer ``optimizer_s_per_param`` per
 parameter it updates; a GPU cluster's both are small, a CPU's are not. ``power_w`` is one
-device's power draw, for the energy estimate.
+device's power draw, for the energy estimate. ``concurrent_fraction`` is the share of its
+rate a device keeps while every device of its node computes at once (1 for GPUs; cores of a
+CPU share caches, memory bandwidth and, on a shared machine, their time with other work); it
+applies to layouts of more than one device.
 
 Rank r of a layout sits at (pp, dp, tp) with tp fastest (docs/design.md §4), so a group's
 ranks lie inside one node when the span of its ranks fits in one: tp groups span tp ranks,
@@ -47,6 +50,7 @@ class Cluster:
     overhead_s_per_token: float = 0.0
     optimizer_s_per_param: float = 0.0
     power_w: float = 400.0
+    concurrent_fraction: float = 1.0  # of its rate a device keeps while all of a node work
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,7 +10,8 @@ difference exactly.
 
 Time of one rank. Its matrix FLOPs run at the cluster's sustained ``gemm_flops``; the rest of
 the work costs ``overhead_s_per_token`` per token, block and unit of width; the optimizer
-``optimizer_s_per_param`` per parameter it updates (1/dp of them under ZeRO). A pipeline runs
+``optimizer_s_per_param`` per parameter it updates (1/dp of them under ZeRO); with more than
+one device the compute runs at the cluster's ``concurrent_fraction`` of that rate. A pipeline runs
 m microbatches through p stages, so the step stretches by the bubble: compute/(1 − bubble),
 bubble = (p − 1)/(m + p − 1) for GPipe and 1F1B, (p − 1)/(v·m + p − 1) interleaved,
 (p − 1)/p for the naive schedule (`mpipar.parallel.pipeline.checker.theoretical_bubble`).
@@ -93,6 +94,8 @@ def rank_time(shape: ModelShape, layout: Layout, cluster: Cluster,
     tokens = layout.batch_size * shape.seq_len / layout.dp
     compute = flops / cluster.gemm_flops \
         + cluster.overhead_s_per_token * tokens * blocks * shape.d_model / layout.tp
+    if layout.world > 1:  # every device of the node busy at once
+        compute /= cluster.concurrent_fraction
     updated = rank_parameters(shape, layout, pp_rank) / (layout.dp if layout.zero else 1)
     comm: dict[str, float] = {}
     for c in rank_calls(shape, layout, pp_rank):
