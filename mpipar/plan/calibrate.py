@@ -10,12 +10,13 @@ Five measurements, each of what the planner's time model needs (`mpipar.plan.com
 3. **MPI**: a ping-pong between two ranks through `mpipar.comm.Comm` (`send`/`recv`, the calls
    the pipeline uses), over a sweep of message sizes n; half a round trip is t(n) = α + n/β,
    and α and β come from a least-squares fit of that line;
-4. **sharing**: the same products on two ranks at once (`concurrent_gemm`), against one
-   alone: the fraction of its rate a core keeps while its neighbour works too, which
-   layouts of more than one device are charged;
-5. **everything else**: one process trains the model for a few steps (`train.py`); what its
+4. **everything else**: one process trains the model for a few steps (`train.py`); what its
    fastest step leaves after (1) and (2) is the non-matrix work (LayerNorm, GELU, softmax,
-   the Python between operations), charged per token, block and unit of width.
+   the Python between operations), charged per token, block and unit of width;
+5. **sharing**: two such runs at once, side by side: their step against the lone one's is
+   the fraction of its rate a core keeps while its neighbour works too (shared caches and
+   memory bandwidth; on a shared machine, time given to other work), which layouts of more
+   than one device are charged.
 
 The machine's "peak" is the measured matrix rate (a CPU has no single published one), so
 MFU on it is relative to what its BLAS sustains.
@@ -114,17 +115,6 @@ def pingpong(sizes: list[int], reps: int) -> list[tuple[int, float]]:
     return out
 
 
-def concurrent_gemm(preset: str, reps: int) -> float:
-    """The slowest rank's GEMM rate while every rank of this MPI job multiplies at once."""
-    from mpipar.comm import Comm
-
-    comm, shape = Comm.world(), from_preset(preset)
-    tokens = {"tiny": 8, "small": 16, "medium": 32}[preset] * shape.seq_len // comm.size
-    comm.barrier()
-    rate = gemm_rate(shape, tokens, reps)
-    return min(comm.allgather_object(rate))
-
-
 def run_worker(args: list[str], timeout: float) -> object:
     """``python -m mpipar.plan.calibrate ARGS`` under ``mpirun -n 2``: rank 0's JSON."""
     cmd = [mpirun(), "-n", "2", sys.executable, "-m", "mpipar.plan.calibrate", *args]
@@ -141,24 +131,27 @@ def sweep(sizes: list[int], reps: int, timeout: float) -> list[tuple[int, float]
     return [tuple(p) for p in points]
 
 
-def measured_step(preset: str, steps: int, timeout: float) -> tuple[float, Layout]:
-    """The fastest of ``steps`` steps of ``preset`` on one process (the first left out), and
-    its layout. The fastest, not the median: on a machine shared with other work it is the
-    step least disturbed by it."""
-    from mpipar.model import PRESETS
-
-    batch = PRESETS[preset]["batch_size"]
+def measured_steps(preset: str, steps: int, copies: int, timeout: float) -> list[float]:
+    """The fastest of ``steps`` steps (the first left out) of ``preset`` on one process, for
+    each of ``copies`` independent runs started together. The fastest, not the median: on a
+    machine shared with other work it is the step least disturbed by it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        metrics = Path(tmp) / "m.jsonl"
-        cmd = [sys.executable, str(ROOT / "train.py"), "--preset", preset, "--steps",
-               str(steps), "--eval-every", "0", "--eval-tokens", "1", "--quiet",
-               "--metrics", str(metrics)]
-        subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True,
-                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                      "OPENBLAS_NUM_THREADS": "1"})
-        lines = [json.loads(x) for x in metrics.read_text().splitlines()]
-    times = [x["step_time_s"] for x in lines if "step_time_s" in x and x["step"] > 0]
-    return min(times), Layout(batch_size=batch)
+        paths = [Path(tmp) / f"m{i}.jsonl" for i in range(copies)]
+        procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--preset", preset,
+                                   "--steps", str(steps), "--eval-every", "0", "--eval-tokens",
+                                   "1", "--quiet", "--metrics", str(path)], cwd=ROOT, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for path in paths]
+        for proc in procs:
+            if proc.wait(timeout=timeout):
+                raise RuntimeError(f"train.py --preset {preset} exited {proc.returncode}")
+        out = []
+        for path in paths:
+            lines = [json.loads(x) for x in path.read_text().splitlines()]
+            out.append(min(x["step_time_s"] for x in lines if "step_time_s" in x
+                           and x["step"] > 0))
+    return out
 
 
 def calibrate(preset: str = "medium", *, quick: bool = False, power_w: float = 15.0,
@@ -172,9 +165,9 @@ def calibrate(preset: str = "medium", *, quick: bool = False, power_w: float = 1
     opt = optimizer_seconds_per_param(parameter_count(shape), reps)
     sizes = [8, 65536, 1 << 20] if quick else [8 << (2 * k) for k in range(11)]
     link = fit_alpha_beta(sweep(sizes, reps, timeout))
-    alone = gemm_rate(shape, tokens // 2, reps)
-    together = run_worker(["--concurrent-gemm", preset, "--reps", str(reps)], timeout)
-    step, layout = measured_step(preset, 3 if quick else 10, timeout)
+    steps = 3 if quick else 10
+    step = measured_steps(preset, steps, 1, timeout)[0]
+    together = max(measured_steps(preset, steps, 2, timeout))
     flops, blocks = rank_flops(shape, layout, 0)
     rest = step - flops / gemm - opt * parameter_count(shape)
     overhead = max(rest, 0.0) / (tokens * blocks * shape.d_model)
@@ -183,7 +176,7 @@ def calibrate(preset: str = "medium", *, quick: bool = False, power_w: float = 1
     return Cluster(name="this", devices=cores, devices_per_node=cores, memory_bytes=memory,
                    peak_flops=gemm, gemm_flops=gemm, intra=link, inter=link,
                    overhead_s_per_token=overhead, optimizer_s_per_param=opt, power_w=power_w,
-                   concurrent_fraction=min(1.0, together / alone))
+                   concurrent_fraction=min(1.0, step / together))
 
 
 def calibrate_main(argv: list[str]) -> int:
@@ -217,13 +210,9 @@ def calibrate_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":  # the workers `run_worker` starts under mpirun -n 2
     w = argparse.ArgumentParser()
-    w.add_argument("--pingpong")
-    w.add_argument("--concurrent-gemm")
+    w.add_argument("--pingpong", required=True)
     w.add_argument("--reps", type=int, default=10)
     a = w.parse_args()
-    if a.pingpong:
-        points: object = pingpong([int(x) for x in a.pingpong.split(",")], a.reps)
-    else:
-        points = concurrent_gemm(a.concurrent_gemm, a.reps)
+    points = pingpong([int(x) for x in a.pingpong.split(",")], a.reps)
     if int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))) == 0:
         print(json.dumps(points))
