@@ -240,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m mpipar.plan: error: {e}", file=sys.stderr)
         return 2
     good, bad = search(shape, cluster, batch, precision=args.precision,
-                       layouts=chosen(args, candidate_layouts(shape, cluster, batch,
-                                                              precision=args.precision)))
+                       layouts=chosen(args, candidate_layouts(
+                           shape, cluster, batch, precision=args.precision,
+                           schedules=(args.schedule,) if args.schedule else ("1f1b",
+                                                                             "interleaved"))))
     if args.json:
         print(json_report(shape, cluster, batch, good, bad, args.top))
     else:

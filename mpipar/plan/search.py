@@ -58,10 +58,12 @@ def divisors(n: int) -> list[int]:
 
 
 def candidate_layouts(shape: ModelShape, cluster: Cluster, batch: int, *, precision: str,
-                      max_microbatches: int = 64) -> list[Layout]:
+                      max_microbatches: int = 64,
+                      schedules: tuple[str, ...] = ("1f1b", "interleaved")) -> list[Layout]:
     """Every dp × tp × pp = devices, microbatch count, schedule, ZeRO stage, sequence
     parallelism and recomputation worth trying. Microbatches are powers of two (and, with a
-    pipeline, at least pp: fewer leave most of it idle)."""
+    pipeline, at least pp: fewer leave most of it idle). GPipe and the naive schedule take
+    the time of 1F1B or more and more memory, so they are tried only when asked for."""
     out = []
     for tp, pp in itertools.product(divisors(cluster.devices), repeat=2):
         if cluster.devices % (tp * pp) or pp > shape.n_layer:
@@ -69,11 +71,11 @@ def candidate_layouts(shape: ModelShape, cluster: Cluster, batch: int, *, precis
         dp = cluster.devices // (tp * pp)
         ms = [m for m in (2 ** k for k in range(12)) if m <= max_microbatches
               and (pp == 1 or m >= pp) and batch % (dp * m) == 0]
-        schedules = [("1f1b", 1)]
-        if pp > 1 and shape.n_layer >= 2 * pp:
-            schedules.append(("interleaved", 2))
+        kinds = [(k, 1) for k in schedules if k != "interleaved" and (pp > 1 or k == "1f1b")]
+        if "interleaved" in schedules and pp > 1 and shape.n_layer >= 2 * pp:
+            kinds.append(("interleaved", 2))
         for m, (sched, v), zero, sp, rc in itertools.product(
-                ms, schedules, range(4), (False, True), ("none", "selective", "full")):
+                ms, kinds, range(4), (False, True), ("none", "selective", "full")):
             if sp and tp == 1:
                 continue
             out.append(Layout(dp, tp, pp, batch, m, sched, v, zero, sp, rc, precision))
