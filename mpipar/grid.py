@@ -234,6 +234,30 @@ def coords_rank(pp_rank: int, dp_rank: int, tp_rank: int, dp: int, tp: int) -> i
     return (pp_rank * dp + dp_rank) * tp + tp_rank
 
 
+def split_colors(rank: int, dp: int, tp: int, pp: int) -> dict[str, tuple[int | None, int]]:
+    """The ``(color, key)`` global ``rank`` hands to ``Comm.split`` for each kind of group.
+
+    A group is the ranks that share every coordinate but one, so its color is the pair of
+    shared coordinates flattened to one int, and its key the coordinate that varies (which
+    orders the group, so a ``pp`` group's ranks are its stage numbers)::
+
+        tp:    color = pp·D + dp    key = tp
+        dp:    color = pp·T + tp    key = dp
+        pp:    color = dp·T + tp    key = pp
+        embed: color = dp·T + tp on the first and last stage, None (opt out) between
+
+    (``embed`` only matters with pp > 1, where :meth:`ProcessGrid.build` makes it.)
+    """
+    pp_rank, dp_rank, tp_rank = rank_coords(rank, dp, tp, pp)
+    pipe = dp_rank * tp + tp_rank
+    return {
+        "tp": (pp_rank * dp + dp_rank, tp_rank),
+        "dp": (pp_rank * tp + tp_rank, dp_rank),
+        "pp": (pipe, pp_rank),
+        "embed": (pipe if pp_rank in (0, pp - 1) else None, pp_rank),
+    }
+
+
 # ---- the communicators ------------------------------------------------------------------
 
 
@@ -289,21 +313,21 @@ class ProcessGrid:
     def build(cls, world: Comm, dp: int, tp: int, pp: int) -> ProcessGrid:
         """Split ``world`` into its dp, tp, pp (and embedding) groups. Collective over world.
 
-        A group's color is the pair of coordinates its members share, flattened to an int;
-        the key orders members by the coordinate that varies within the group.
+        Each rank passes the ``(color, key)`` of :func:`split_colors`: ranks of equal color
+        form a group, ordered by key.
         """
         if world.size != dp * tp * pp:
             raise ConfigError(
                 f"world size {world.size} != --dp {dp} × --tp {tp} × --pp {pp} = {dp * tp * pp}"
             )
         pp_rank, dp_rank, tp_rank = rank_coords(world.rank, dp, tp, pp)
-        tp_comm = world.split(pp_rank * dp + dp_rank, tp_rank, "tp")
-        dp_comm = world.split(pp_rank * tp + tp_rank, dp_rank, "dp")
-        pp_comm = world.split(dp_rank * tp + tp_rank, pp_rank, "pp")
+        colors = split_colors(world.rank, dp, tp, pp)
+        tp_comm = world.split(*colors["tp"], "tp")
+        dp_comm = world.split(*colors["dp"], "dp")
+        pp_comm = world.split(*colors["pp"], "pp")
         embed_comm = None
         if pp > 1:  # every rank must take part in the split, even those that opt out
-            on_end = pp_rank in (0, pp - 1)
-            embed_comm = world.split(dp_rank * tp + tp_rank if on_end else None, pp_rank, "embed")
+            embed_comm = world.split(*colors["embed"], "embed")
         assert tp_comm is not None and dp_comm is not None and pp_comm is not None
         return cls(world, dp_comm, tp_comm, pp_comm, embed_comm, dp, tp, pp,
                    dp_rank, tp_rank, pp_rank)
