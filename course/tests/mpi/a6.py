@@ -1,4 +1,4 @@
-"""A6 the process grid and the planner, the MPI side: ``mpirun -n N python a6.py <group> '<options>'``.
+"""A6 the grid and the planner, the MPI side: ``mpirun -n N python a6.py <group> '<options>'``.
 
 Groups:
 
