@@ -22,7 +22,7 @@ from mpipar.course.manifest import Assignment, Task, load_manifest
 
 MANIFEST = load_manifest()
 # One task per assignment, chosen to cover in-process and MPI tests cheaply.
-SAMPLE = {"A1": "A1.2", "A2": "A2.2", "A3": "A3.1", "A4": "A4.3", "A5": "A5.2"}
+SAMPLE = {"A1": "A1.2", "A2": "A2.2", "A3": "A3.1", "A4": "A4.3", "A5": "A5.2", "A6": "A6.1"}
 
 
 @pytest.fixture(scope="module")

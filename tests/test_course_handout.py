@@ -40,8 +40,8 @@ class Box:
 '''
 
 
-def test_the_course_has_assignments_a1_to_a5_of_100_points_each():
-    assert IDS == ["A1", "A2", "A3", "A4", "A5"]
+def test_the_course_has_assignments_a1_to_a6_of_100_points_each():
+    assert IDS == ["A1", "A2", "A3", "A4", "A5", "A6"]
     for a in MANIFEST.assignments:
         assert sum(t.points for t in a.tasks if not t.bonus) == 100, a.id
         for t in a.code_tasks:

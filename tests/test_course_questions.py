@@ -19,11 +19,16 @@ from mpipar.activations import formula_bytes
 from mpipar.autograd import graph_nbytes
 from mpipar.course.answers import close_enough, read_sheet
 from mpipar.course.manifest import load_manifest
+from mpipar.grid import split_colors
 from mpipar.kv_cache import kv_bytes_per_token
 from mpipar.model import PRESETS, GPTConfig, build_model, flops_per_token
 from mpipar.parallel.pipeline.checker import check_schedule, theoretical_bubble
 from mpipar.parallel.pipeline.schedules import interleaved_one_f_one_b, one_f_one_b
 from mpipar.parallel.ring import chunk_bounds
+from mpipar.plan.comm import tp_calls
+from mpipar.plan.layout import Layout
+from mpipar.plan.memory import state_bytes
+from mpipar.plan.model_shape import PUBLISHED
 
 MANIFEST = load_manifest()
 REPO = MANIFEST.root
@@ -64,6 +69,13 @@ def test_the_activation_formula_is_what_a_block_saves():
     assert saved(2) - saved(1) == 8 * layer_activation_numbers(b, t, d, h, 1, False)
 
 
+def communicators(dp: int, tp: int, pp: int) -> int:
+    """The groups ``ProcessGrid.build`` makes over a whole job: distinct (kind, color)."""
+    return len({(kind, color) for r in range(dp * tp * pp)
+                for kind, (color, _) in split_colors(r, dp, tp, pp).items()
+                if color is not None and (kind != "embed" or pp > 1)})
+
+
 def key_values() -> dict[str, float]:
     tiny_params = parameters(TINY)
     xl = parameters(GPT2_XL)
@@ -89,12 +101,19 @@ def key_values() -> dict[str, float]:
         "A5.Q1": check_schedule(interleaved_one_f_one_b(4, 8, 2)).bubble_fraction,
         "A5.Q2": check_schedule(one_f_one_b(8, 32)).peak_inflight[0],
         "A5.Q3": 8 * (4 - 1) * 4 * 1024 * 768 * 4,
+        "A6.Q1": sum(state_bytes(PUBLISHED["7b"], Layout(dp=8, tp=2, pp=4, zero=1,
+                                                         precision="bf16"), 0)),
+        "A6.Q2": communicators(16, 8, 8),
+        "A6.Q3": sum(c.nbytes for c in tp_calls(PUBLISHED["gpt3-175b"], Layout(
+            tp=8, pp=8, batch_size=8, microbatches=8, precision="bf16"), 0)),
     }
 
 
 def test_the_answer_key_is_what_mpipar_computes():
     values = key_values()
     assert theoretical_bubble("interleaved", 4, 8, 2) == pytest.approx(values["A5.Q1"])
+    assert values["A6.Q2"] == 16 * 8 + 8 * 8 + 2 * 16 * 8  # tp, dp, pp and embed groups
+    assert values["A6.Q3"] == 8 * (4 * 96 // 8 + 1) * 2048 * 12288 * 2  # 4L_s + 1 per microbatch
     for a in MANIFEST.assignments:
         for task in (t for t in a.tasks if t.kind == "written"):
             key = read_sheet(REPO / task.answers)

@@ -2,9 +2,11 @@
 
 The script runs named checks on every rank and rank 0 prints one line
 ``VERDICT {"check": [failure, ...], ...}`` (``mpi/checks.py``); a check passed when its list
-is empty. Each launch gets a directory for the flight recorder (:mod:`mpipar.course.flight`)
-under ``$MPIPAR_COURSE_FLIGHT_ROOT`` (the grader sets it; otherwise a temporary directory),
-so when a job hangs the launcher kills it and the failure says which call each rank was in.
+is empty. A script that measures instead (:func:`measure`) prints ``MEASURED {json}``:
+numbers the test compares with an estimate. Each launch gets a directory for the flight
+recorder (:mod:`mpipar.course.flight`) under ``$MPIPAR_COURSE_FLIGHT_ROOT`` (the grader sets
+it; otherwise a temporary directory), so when a job hangs the launcher kills it and the
+failure says which call each rank was in.
 """
 
 from __future__ import annotations
@@ -83,15 +85,27 @@ def launch(n: int, script: str, group: str, options: dict | None = None,
     Fails the test if the job exits non-zero (showing its output), or kills it and fails
     with every rank's last communication calls if it runs past ``timeout`` seconds.
     """
+    return _printed(n, script, group, options, timeout, "VERDICT")
+
+
+def measure(n: int, script: str, group: str, options: dict | None = None,
+            timeout: float = 90) -> dict:
+    """Run check group ``group`` of ``mpi/<script>`` on ``n`` ranks; return what rank 0
+    printed as ``MEASURED {json}`` (numbers a test compares with an estimate)."""
+    return _printed(n, script, group, options, timeout, "MEASURED")
+
+
+def _printed(n: int, script: str, group: str, options: dict | None, timeout: float,
+             tag: str) -> dict:
     folder = _launch_dir(script, group, n)
     cmd = [mpirun(), "-n", str(n), sys.executable, str(SCRIPTS / script), group,
            json.dumps(options or {})]
     where = f"`mpirun -n {n} python {script} {group}`"
     output = _run_job(cmd, folder, where, timeout)
     for line in output.splitlines():
-        if line.startswith("VERDICT "):
-            return json.loads(line[len("VERDICT "):])
-    pytest.fail(f"{where} printed no VERDICT line\n--- output ---\n{_tail(output)}",
+        if line.startswith(tag + " "):
+            return json.loads(line[len(tag) + 1:])
+    pytest.fail(f"{where} printed no {tag} line\n--- output ---\n{_tail(output)}",
                 pytrace=False)
 
 
