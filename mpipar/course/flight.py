@@ -95,12 +95,12 @@ def install() -> bool:
 
     Returns whether recording is on. Call it once, before any communication.
     """
-    from mpipar.comm import MPI, Comm
+    from mpipar.comm import Comm, world_size_and_rank
 
     folder = os.environ.get(ENV)
     if not folder:
         return False
-    rank = MPI.COMM_WORLD.Get_rank()
+    rank = world_size_and_rank()[1]
     recorder = _Recorder(Path(folder) / f"rank{rank}.jsonl")
     for op in BLOCKING + LAUNCHING:
         if hasattr(Comm, op):
@@ -187,9 +187,9 @@ def deadline(seconds: float, what: str) -> Iterator[None]:
     """
     done = threading.Event()
 
-    from mpipar.comm import MPI
+    from mpipar.comm import world_size_and_rank
 
-    rank = MPI.COMM_WORLD.Get_rank()
+    rank = world_size_and_rank()[1]
 
     def watch() -> None:
         if done.wait(seconds):

@@ -120,7 +120,7 @@ class Launcher:
                 self.checked[ranks] = "no mpirun next to the Python executable or on PATH"
             else:
                 done = run([mpirun, "-n", str(ranks), sys.executable, "-c",
-                            "from mpi4py import MPI; MPI.COMM_WORLD.Barrier()"],
+                            "from mpipar.comm import Comm; Comm.world().barrier()"],
                            timeout=60, env=quiet_env())
                 ok = done.code == 0
                 self.checked[ranks] = "" if ok else (

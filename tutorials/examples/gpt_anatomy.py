@@ -10,7 +10,7 @@ Training FLOPs per token (``mpipar.model.flops_per_token``): 6·N + 6·L·T·d, 
 parameters that multiply activations (12·L·d² in the blocks plus V·d in the head).
 
 MFU (model FLOPs utilisation) = tokens/s × FLOPs per token / peak FLOP/s of the hardware. As
-the peak this script measures what one large float32 matrix product reaches on this machine,
+the peak this script measures what one large float32 matrix product reaches on the computer running it,
 which is what numpy can get out of the CPU rather than its datasheet figure.
 
     python tutorials/examples/gpt_anatomy.py [--preset tiny]
@@ -125,7 +125,7 @@ def main() -> None:
     peak = measured_peak_flops()
     achieved = tps * f
     print(f"training: {tps:,.0f} tokens/s × {f:,} FLOPs/token = {achieved / 1e9:.2f} GFLOP/s")
-    print(f"peak (one float32 1024×1024 matmul on this machine): {peak / 1e9:.1f} GFLOP/s")
+    print(f"peak (one float32 1024×1024 matmul, measured now): {peak / 1e9:.1f} GFLOP/s")
     print(f"MFU = {achieved / 1e9:.2f} / {peak / 1e9:.1f} = {100 * achieved / peak:.1f}%")
 
 
