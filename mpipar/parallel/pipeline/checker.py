@@ -3,7 +3,8 @@ simulation of all ranks together with blocking communication.
 
 Rules of the simulation (see `instructions`):
 - Forward and Backward take forward_time/v and backward_time/v (a chunk is 1/v of a rank's
-  layers) and never block.
+  layers) and never block. A split backward's halves take (backward_time − weight_time)/v
+  (`BackwardInput`, B) and weight_time/v (`BackwardWeight`, W).
 - A send is synchronous: it completes when the matching receive has been posted. A receive
   completes when the matching send has been posted. Both sides complete at
   max(time the send was posted, time the receive was posted) + comm_time.
@@ -22,7 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .instructions import (
+    COMPUTE_KINDS,
     Backward,
+    BackwardInput,
+    BackwardWeight,
     Forward,
     Instruction,
     OptimizerStep,
@@ -36,7 +40,7 @@ from .instructions import (
     stage_location,
     virtual_stage,
 )
-from .timeline import BACKWARD, FORWARD, Interval, Timeline
+from .timeline import BACKWARD, FORWARD, WEIGHT, Interval, Timeline
 
 
 class ScheduleError(Exception):
@@ -54,10 +58,12 @@ class ScheduleReport:
     """What `check_schedule` proved and measured.
 
     bubble_fraction     simulated idle share of the step, averaged over ranks (forward 1,
-                        backward 2 time units per microbatch and rank, no communication cost)
+                        backward 2 time units per microbatch and rank, of which a split
+                        backward's B and W take 1 each; no communication cost)
     theoretical_bubble  the textbook value for the named schedule (None if no name was given)
     peak_inflight       per rank, the most (microbatch, chunk) pairs whose forward has run and
-                        whose backward has not: how many activation stashes the rank holds
+                        whose backward has not (for a split backward: whose W has not): how
+                        many activation stashes the rank holds
     """
 
     num_ranks: int
@@ -77,6 +83,31 @@ _THEORY = {
     "interleaved": lambda p, m, v: (p - 1) / (v * m + p - 1),
 }
 
+# The most (microbatch, chunk) stashes rank r may hold, for the schedules that promise a bound
+# (`check_schedule` enforces it): 1F1B's p − r; ZB-H1 promises 1F1B's peak over all ranks,
+# rank 0's min(p, m), on every rank (its stash lives until W, see `zero_bubble_h1_order`).
+_INFLIGHT_LIMIT = {
+    "1f1b": lambda p, m, r: min(p - r, m),
+    "zb-h1": lambda p, m, r: min(p, m),
+}
+
+
+def zero_bubble_h1_bubble(p: int, m: int, forward: float = 1.0, backward_input: float = 1.0,
+                          weight: float = 1.0) -> float:
+    """Idle share of a ZB-H1 step (Qi et al. 2023, section 3.1) with F, B, W per microbatch.
+
+    Every rank computes m(F + B + W). In 1F1B each of the p − 1 fill-and-drain slots of a rank
+    costs F + B + W (the whole backward is on the critical path). In ZB-H1 only B travels
+    back along the pipeline, and each rank's deferred W's fill part of the drain, so a rank
+    idles (p − 1)(F + B − W) (never less than 0):
+
+        bubble = (p − 1)(F + B − W) / (m(F + B + W) + (p − 1)(F + B − W)).
+
+    With F = B = W that is (p − 1)/(3m + p − 1): a third of 1F1B's idle time (p − 1)·3F.
+    """
+    idle = max((p - 1) * (forward + backward_input - weight), 0.0)
+    return idle / (m * (forward + backward_input + weight) + idle)
+
 
 def theoretical_bubble(name: str, p: int, m: int, v: int = 1) -> float:
     """Idle share of a step, idle / makespan, for schedule `name` when every stage takes the
@@ -90,19 +121,24 @@ def theoretical_bubble(name: str, p: int, m: int, v: int = 1) -> float:
     interleaved:  a chunk takes F/v and B/v, so the fill and drain shrink to (p − 1)(F + B)/v:
                   (p − 1)/(v·m + p − 1).
     naive:        only one rank computes at a time: (p − 1)/p.
+    zb-h1:        the backward split into B and W of 1 unit each, forward 1 (the simulator's
+                  default times): (p − 1)/(3m + p − 1), see `zero_bubble_h1_bubble`.
     """
+    if name == "zb-h1":
+        return zero_bubble_h1_bubble(p, m)
     if name not in _THEORY:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(_THEORY)}")
+        raise ValueError(f"unknown schedule {name!r}; choose one of "
+                         f"{', '.join([*_THEORY, 'zb-h1'])}")
     return _THEORY[name](p, m, v)
 
 
 def _num_chunks(schedule: Schedule) -> int:
-    chunks = [x.chunk for prog in schedule for x in prog if isinstance(x, (Forward, Backward))]
+    chunks = [x.chunk for prog in schedule for x in prog if isinstance(x, COMPUTE_KINDS)]
     return max(chunks, default=0) + 1
 
 
 def _num_microbatches(schedule: Schedule) -> int:
-    mbs = [x.mb for prog in schedule for x in prog if isinstance(x, (Forward, Backward))]
+    mbs = [x.mb for prog in schedule for x in prog if isinstance(x, COMPUTE_KINDS)]
     return max(mbs, default=-1) + 1
 
 
@@ -113,8 +149,9 @@ def _neighbour(rank: int, chunk: int, step: int, p: int) -> tuple[int, int]:
 
 @dataclass
 class _Books:
-    """One rank's list so far: the index of the instruction that ran each (mb, chunk) forward
-    and backward, that sent and received each (kind, mb, chunk); microbatches in flight."""
+    """One rank's list so far: the index of the instruction that ran each (mb, chunk) forward,
+    backward (or a split backward's B) and W, that sent and received each (kind, mb, chunk);
+    microbatches in flight. ``split`` holds the (mb, chunk) whose backward was split."""
 
     rank: int
     p: int
@@ -122,6 +159,8 @@ class _Books:
     v: int
     forwarded: dict[tuple[int, int], int] = field(default_factory=dict)
     backwarded: dict[tuple[int, int], int] = field(default_factory=dict)
+    weighted: dict[tuple[int, int], int] = field(default_factory=dict)
+    split: set[tuple[int, int]] = field(default_factory=set)
     received: dict[tuple[str, int, int], int] = field(default_factory=dict)
     sent: dict[tuple[str, int, int], int] = field(default_factory=dict)
     inflight: int = 0
@@ -134,7 +173,8 @@ class _Books:
 def _check_program(rank: int, program: list[Instruction], p: int, m: int, v: int) -> int:
     """Check one rank's list on its own; return its peak number of microbatches in flight.
 
-    Each (mb, chunk) must run forward and backward exactly once, backward after forward; a
+    Each (mb, chunk) must run forward and backward exactly once, backward after forward (a
+    split backward: B after the forward, W after B, each once); a
     forward needs its input received before it (except on virtual stage 0), a backward its
     output-gradient (except on the last virtual stage); what is sent must have been computed,
     must go to the neighbouring virtual stage's rank, and must be sent exactly once.
@@ -146,7 +186,9 @@ def _check_program(rank: int, program: list[Instruction], p: int, m: int, v: int
         raise ScheduleError(f"rank {rank}: the list must end with ReduceGrads(), "
                             "OptimizerStep()", rank, None)
     for i, instr in enumerate(program):
-        if isinstance(instr, (Forward, Backward)):
+        if isinstance(instr, BackwardWeight):
+            _check_weight(books, i, instr)
+        elif isinstance(instr, COMPUTE_KINDS):
             _check_compute(books, i, instr)
         elif message_parts(instr):
             for part in message_parts(instr):
@@ -160,7 +202,7 @@ def _check_program(rank: int, program: list[Instruction], p: int, m: int, v: int
     return books.peak
 
 
-def _check_compute(books: _Books, i: int, instr: Forward | Backward) -> None:
+def _check_compute(books: _Books, i: int, instr: Forward | Backward | BackwardInput) -> None:
     """Static checks of a Forward or Backward at index i, then note that it ran."""
     rank, p, m, v = books.rank, books.p, books.m, books.v
     if not (0 <= instr.mb < m and 0 <= instr.chunk < v):
@@ -189,6 +231,25 @@ def _check_compute(books: _Books, i: int, instr: Forward | Backward) -> None:
         raise books.fail(i, instr, f"has no output gradient: no RecvGrad(mb={instr.mb}, "
                          f"chunk={instr.chunk} <- rank {src}) before it")
     books.backwarded[key] = i
+    if isinstance(instr, BackwardInput):
+        books.split.add(key)  # the stash stays until its W
+    else:
+        books.inflight -= 1
+
+
+def _check_weight(books: _Books, i: int, instr: BackwardWeight) -> None:
+    """W(mb, chunk) needs its B (a `BackwardInput`) before it, and runs once."""
+    key = (instr.mb, instr.chunk)
+    if not (0 <= instr.mb < books.m and 0 <= instr.chunk < books.v):
+        raise books.fail(i, instr, f"is out of range (m={books.m} microbatches, v={books.v} "
+                         "chunks)")
+    if key not in books.split:
+        raise books.fail(i, instr, f"comes before its input-gradient half BI(mb={instr.mb}, "
+                         f"chunk={instr.chunk}): nothing has been kept for it yet")
+    if key in books.weighted:
+        first = books.weighted[key]
+        raise books.fail(i, instr, f"runs a second time (first at instruction {first})")
+    books.weighted[key] = i
     books.inflight -= 1
 
 
@@ -201,6 +262,9 @@ def _check_all_done(books: _Books, program: list[Instruction]) -> None:
                 if (mb, chunk) not in done:
                     raise ScheduleError(f"rank {rank}: {name}(mb={mb}, chunk={chunk}) never runs",
                                         rank, None)
+            if (mb, chunk) in books.split and (mb, chunk) not in books.weighted:
+                raise ScheduleError(f"rank {rank}: W(mb={mb}, chunk={chunk}) never runs: its "
+                                    "parameter gradients would be missing", rank, None)
             if not is_last_stage(rank, chunk, p, v) and ("activation", mb, chunk) not in books.sent:
                 i = books.forwarded[(mb, chunk)]
                 raise books.fail(i, program[i], "produces an activation that is never sent")
@@ -244,6 +308,10 @@ def _check_message(books: _Books, i: int, instr: Instruction, part: PointToPoint
     book[key] = i
 
 
+_INTERVAL_KIND = {Forward: FORWARD, Backward: BACKWARD, BackwardInput: BACKWARD,
+                  BackwardWeight: WEIGHT}
+
+
 @dataclass
 class _Posted:
     """A communication instruction a rank has reached and is blocked in."""
@@ -257,11 +325,13 @@ class _Posted:
 
 class _Simulation:
     def __init__(self, schedule: Schedule, forward_time: float, backward_time: float,
-                 comm_time: float, num_chunks: int) -> None:
+                 comm_time: float, num_chunks: int, weight_time: float) -> None:
         self.schedule = schedule
         self.p = len(schedule)
         self.v = num_chunks
-        self.cost = {Forward: forward_time / self.v, Backward: backward_time / self.v}
+        self.cost = {Forward: forward_time / self.v, Backward: backward_time / self.v,
+                     BackwardInput: (backward_time - weight_time) / self.v,
+                     BackwardWeight: weight_time / self.v}
         self.comm_time = comm_time
         self.pc = [0] * self.p
         self.clock = [0.0] * self.p
@@ -286,10 +356,10 @@ class _Simulation:
             instr = program[self.pc[r]]
             parts = message_parts(instr)
             if not parts:
-                if isinstance(instr, (Forward, Backward)):
+                if isinstance(instr, COMPUTE_KINDS):
                     start = self.clock[r]
                     self.clock[r] += self.cost[type(instr)]
-                    kind = FORWARD if isinstance(instr, Forward) else BACKWARD
+                    kind = _INTERVAL_KIND[type(instr)]
                     self.intervals[r].append(
                         Interval(start, self.clock[r], kind, instr.mb, instr.chunk))
                 self.pc[r] += 1
@@ -381,22 +451,28 @@ def simulate(
     backward_time: float = 2.0,
     comm_time: float = 0.0,
     num_chunks: int | None = None,
+    weight_time: float | None = None,
 ) -> Timeline:
     """Run all ranks' lists together under the blocking rules of this module's docstring.
 
     `forward_time` and `backward_time` are the cost of one microbatch through all of a rank's
     layers; with v chunks per rank (`num_chunks`, inferred from the schedule if not given) each
-    Forward/Backward costs 1/v of that. `comm_time` is added to every message. Returns the
+    Forward/Backward costs 1/v of that. A split backward's W (`BackwardWeight`) takes
+    `weight_time` (default half the backward) and its B the rest of `backward_time`.
+    `comm_time` is added to every message. Returns the
     compute intervals per rank and the makespan; raises ScheduleError on a deadlock or on
     messages matched out of order.
     """
     v = _num_chunks(schedule) if num_chunks is None else num_chunks
-    return _Simulation(schedule, forward_time, backward_time, comm_time, v).run()
+    w = backward_time / 2 if weight_time is None else weight_time
+    if not 0 <= w <= backward_time:
+        raise ValueError(f"weight_time {w} must lie between 0 and backward_time {backward_time}")
+    return _Simulation(schedule, forward_time, backward_time, comm_time, v, w).run()
 
 
 def _check_stage_order(timeline: Timeline, p: int, v: int) -> None:
     """On the simulated clock, forward of mb on virtual stage s starts after it ended on s−1,
-    backward on s after it ended on s+1 and after the forward on s."""
+    backward on s after it ended on s+1 and after the forward on s, W after the B on s."""
     ends: dict[tuple[str, int, int], Interval] = {}
     where: dict[tuple[str, int, int], int] = {}
     for rank, row in enumerate(timeline.intervals):
@@ -404,8 +480,9 @@ def _check_stage_order(timeline: Timeline, p: int, v: int) -> None:
             key = (iv.kind, iv.mb, virtual_stage(rank, iv.chunk, p))
             ends[key], where[key] = iv, rank
     for (kind, mb, s), iv in ends.items():
-        before = [(FORWARD, mb, s - 1)] if kind == FORWARD else [(BACKWARD, mb, s + 1),
-                                                                  (FORWARD, mb, s)]
+        before = {FORWARD: [(FORWARD, mb, s - 1)],
+                  BACKWARD: [(BACKWARD, mb, s + 1), (FORWARD, mb, s)],
+                  WEIGHT: [(BACKWARD, mb, s)]}[kind]
         for dep in before:
             if dep in ends and iv.start < ends[dep].end:
                 raise ScheduleError(
@@ -425,8 +502,10 @@ def check_schedule(
     Checks, in this order: each rank's list on its own (`_check_program`: every (mb, chunk)
     forward and backward exactly once, backward after forward, inputs received before use,
     sends after the compute that produces them and to the right neighbour, ReduceGrads and
-    OptimizerStep last); then the simulation (every send meets the receive of the same message,
-    in the same order, and no cycle of waits); then stage order on the simulated clock.
+    OptimizerStep last; W after its B); for 1F1B at most min(p − r, m) microbatches in
+    flight on rank r, for ZB-H1 min(p, m); then the simulation (every send meets the receive
+    of the same message, in the same order, and no cycle of waits); then stage order on the
+    simulated clock.
 
     m and v are inferred from the largest microbatch and chunk index unless given; `name`
     (e.g. "1f1b") selects the theoretical bubble to report.
@@ -439,6 +518,12 @@ def check_schedule(
     if m < 1:
         raise ScheduleError("the schedule runs no microbatch")
     peaks = [_check_program(rank, program, p, m, v) for rank, program in enumerate(schedule)]
+    if name in _INFLIGHT_LIMIT:
+        for rank, peak in enumerate(peaks):
+            limit = _INFLIGHT_LIMIT[name](p, m, rank)
+            if peak > limit:
+                raise ScheduleError(f"rank {rank} holds {peak} microbatches' activations at "
+                                    f"once; {name} promises at most {limit}", rank, None)
     timeline = simulate(schedule, num_chunks=v)
     _check_stage_order(timeline, p, v)
     return ScheduleReport(

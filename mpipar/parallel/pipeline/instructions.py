@@ -111,6 +111,46 @@ class Backward(Instruction):
 
 
 @dataclass(frozen=True, repr=False)
+class BackwardInput(Instruction):
+    """The first half of a split backward (zero bubble's "B"). Local, does not block.
+
+    Computes dL/d(input of chunk) only, the gradient the previous stage waits for, and keeps it
+    for a `SendGrad`; every parameter gradient is left for `BackwardWeight` (mb, chunk), with
+    what it needs (for a Linear: its input x and dL/dy) kept from the forward's stash.
+    """
+
+    mb: int
+    chunk: int = 0
+
+    def __str__(self) -> str:
+        return f"BI(mb={self.mb}, chunk={self.chunk})"
+
+    __repr__ = __str__
+
+
+@dataclass(frozen=True, repr=False)
+class BackwardWeight(Instruction):
+    """The second half of a split backward (zero bubble's "W"). Local, does not block.
+
+    Computes the parameter gradients of microbatch `mb` on chunk `chunk` that
+    `BackwardInput` deferred (for a Linear dW = dYᵀ·X, db = Σ dY) and accumulates them (+=).
+    Nothing waits for it before the end of the step, so a schedule can put it in a bubble.
+    Frees what was kept for it: the microbatch's stash is gone only now.
+    """
+
+    mb: int
+    chunk: int = 0
+
+    def __str__(self) -> str:
+        return f"W(mb={self.mb}, chunk={self.chunk})"
+
+    __repr__ = __str__
+
+
+COMPUTE_KINDS = (Forward, Backward, BackwardInput, BackwardWeight)
+
+
+@dataclass(frozen=True, repr=False)
 class PointToPoint(Instruction):
     """Common fields of the four point-to-point messages (see the module docstring)."""
 

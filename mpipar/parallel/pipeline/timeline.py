@@ -19,14 +19,16 @@ from typing import NamedTuple
 
 FORWARD = "F"
 BACKWARD = "B"
+WEIGHT = "W"  # the deferred weight-gradient half of a split backward (zero-bubble schedules)
 IDLE = "."
 OTHER = "~"  # any other kind of interval, e.g. communication in a measured trace
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class Interval(NamedTuple):
-    """One thing a rank did from `start` to `end`: kind "F" (forward) or "B" (backward) of
-    microbatch `mb` on local chunk `chunk`. A measured trace may add other kinds."""
+    """One thing a rank did from `start` to `end`: kind "F" (forward), "B" (backward, or the
+    input-gradient half of a split one) or "W" (the weight-gradient half) of microbatch `mb`
+    on local chunk `chunk`. A measured trace may add other kinds."""
 
     start: float
     end: float
@@ -48,9 +50,10 @@ class Timeline:
         return len(self.intervals)
 
     def busy_time(self, rank: int) -> float:
-        """Time rank `rank` spends computing (forward and backward intervals)."""
+        """Time rank `rank` spends computing (forward, backward and W intervals)."""
         return sum(
-            iv.end - iv.start for iv in self.intervals[rank] if iv.kind in (FORWARD, BACKWARD)
+            iv.end - iv.start for iv in self.intervals[rank]
+            if iv.kind in (FORWARD, BACKWARD, WEIGHT)
         )
 
     def bubble_fraction(self) -> float:
@@ -86,6 +89,8 @@ def _symbol(iv: Interval) -> str:
         return _LETTERS[iv.mb % 26]
     if iv.kind == BACKWARD:
         return _LETTERS[iv.mb % 26].lower()
+    if iv.kind == WEIGHT:
+        return str(iv.mb % 10)
     return OTHER
 
 
@@ -94,8 +99,9 @@ def render_text(timeline: Timeline | Sequence[Sequence[Sequence]], width: int = 
     columns, then a legend.
 
     A column shows the interval that covers the column's midpoint: forward of microbatch k as
-    the k-th capital letter (A = microbatch 0, wrapping after Z), its backward as the lowercase
-    letter, idle time as '.', any other kind of interval as '~'. When ranks hold several chunks
+    the k-th capital letter (A = microbatch 0, wrapping after Z), its backward (or a split
+    backward's B) as the lowercase letter, a split backward's W as the digit k mod 10, idle
+    time as '.', any other kind of interval as '~'. When ranks hold several chunks
     (interleaved schedules) a second row under each rank gives the chunk of each column.
     """
     if width < 1:
@@ -107,6 +113,7 @@ def render_text(timeline: Timeline | Sequence[Sequence[Sequence]], width: int = 
     label_width = len(f"rank {max(tl.num_ranks - 1, 0)}")
     lines = []
     seen_other = False
+    seen_weight = any(iv.kind == WEIGHT for row in tl.intervals for iv in row)
     for rank, row in enumerate(tl.intervals):
         cells = [IDLE] * width
         chunks = [" "] * width
@@ -123,6 +130,9 @@ def render_text(timeline: Timeline | Sequence[Sequence[Sequence]], width: int = 
         if show_chunk:
             lines.append(f"{'chunk':>{label_width}} |{''.join(chunks)}|")
     legend = "A..Z forward of microbatch 0..25, a..z backward, '.' idle"
+    if seen_weight:
+        legend = ("A..Z forward of microbatch 0..25, a..z its B (input gradient), 0..9 its W "
+                  "(weight gradients, microbatch mod 10), '.' idle")
     if show_chunk:
         legend += ", digits below a rank: chunk"
     if seen_other:
