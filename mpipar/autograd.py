@@ -16,6 +16,12 @@ add to it on later backward passes (so gradients of several microbatches accumul
 optimizer zeroes them). Hooks registered with ``register_grad_hook`` run the moment a leaf's
 gradient for the current backward pass is final; data parallelism uses them to start
 communicating a bucket of gradients while the rest of the backward pass is still running.
+
+Inside ``defer_weight_grads(store)`` a backward pass computes only the gradients that flow to
+activations (zero-bubble pipelines' "B"): for every edge from an op to a parameter it keeps
+the op, its context and dL/d(output) in ``store`` (a `WeightGradients`), and
+``store.run()`` later computes and accumulates the parameter gradients ("W"). For a Linear
+y = x Wᵀ + b that is dx = dy W now, dW = dyᵀ x and db = Σ dy later.
 """
 
 from __future__ import annotations
@@ -57,6 +63,22 @@ def is_grad_enabled() -> bool:
     return _GradMode.enabled
 
 
+class _Deferral:
+    """The `WeightGradients` that backward passes hand their parameter edges to, or None."""
+
+    current: WeightGradients | None = None
+
+
+@contextlib.contextmanager
+def defer_weight_grads(store: WeightGradients) -> Iterator[None]:
+    """Backward passes within this block leave every parameter gradient to ``store.run()``."""
+    previous, _Deferral.current = _Deferral.current, store
+    try:
+        yield
+    finally:
+        _Deferral.current = previous
+
+
 class _OpTimer:
     """The profiler that times every Function (`mpipar.profile.Profiler`), or None.
 
@@ -88,7 +110,13 @@ class Context:
 
 
 class Tensor:
-    """An array with an optional gradient and a link to the Function that produced it."""
+    """An array with an optional gradient and a link to the Function that produced it.
+
+    ``is_parameter`` (a class attribute) is True for `mpipar.nn.Parameter`: the leaves whose
+    gradients `defer_weight_grads` leaves for later.
+    """
+
+    is_parameter = False
 
     __slots__ = ("data", "grad", "requires_grad", "name", "_fn", "_ctx", "_parents", "_hooks",
                  "__weakref__")
@@ -251,7 +279,13 @@ class Function:
     to ``forward``); every other argument is passed through unchanged as an option.
     ``backward`` returns one gradient per Tensor input, in order (``None`` where
     ``ctx.needs_input_grad`` is False or the input is not differentiable).
+
+    ``defers_weight_grads``: whether `defer_weight_grads` may postpone this op's gradient for
+    its parameter inputs (calling ``backward`` a second time with ``needs_input_grad`` true for
+    them alone). False for an op that stores its parameters' gradients itself (`Checkpoint`).
     """
+
+    defers_weight_grads = True
 
     @staticmethod
     def forward(ctx: Context, *args: Any, **kwargs: Any) -> Any:
@@ -320,12 +354,16 @@ class Checkpoint(Function):
     The tensor inputs after x are f's parameters. They are inputs only so that the output
     needs a gradient whenever one of them does (and a reader of the graph sees them);
     ``backward`` returns None for them, since their gradients have already been stored. So a
-    parameter used inside f must not also be used outside it in the same graph.
+    parameter used inside f must not also be used outside it in the same graph. Under
+    `defer_weight_grads` the inner pass defers their gradients like any other, so this op's
+    own parameter edges are never deferred (``defers_weight_grads`` False).
 
     The second run computes the same numbers as the first, bit for bit: the same operations
     on the same input array, and f must draw any randomness from a key it is given (dropout
     masks from (seed, step, site)), never from a stream that advances.
     """
+
+    defers_weight_grads = False
 
     @staticmethod
     def forward(ctx, x, *params, fn):
@@ -423,6 +461,7 @@ def run_backward(root: Tensor, grad: Any) -> None:
     # Memory already stored as some leaf's .grad in this pass (and the caller's own array).
     leaf_memory: set[int] = {_memory_id(grad)}
     timer = _OpTimer.current
+    deferral = _Deferral.current
 
     def accumulate(tensor: Tensor, g: Any) -> None:
         slot = grads.get(id(tensor))
@@ -454,11 +493,17 @@ def run_backward(root: Tensor, grad: Any) -> None:
                 hook(node)
             continue
         ctx = node._ctx
+        later = deferral.keep(node, g, leaf_memory) if deferral is not None else ()
+        if later and not any(ctx.needs_input_grad):  # only parameter edges: all of it later
+            node._ctx, node._parents = None, ()
+            continue
         input_grads = (node._fn.backward(ctx, g) if timer is None
                        else timer.backward(node._fn, ctx, g))
         if not isinstance(input_grads, tuple):
             input_grads = (input_grads,)
-        for parent, pg in zip(node._parents, input_grads, strict=True):
+        for i, (parent, pg) in enumerate(zip(node._parents, input_grads, strict=True)):
+            if later and later[i]:
+                continue
             if pg is not None and parent.requires_grad:
                 if pg.shape != parent.data.shape:
                     raise RuntimeError(
@@ -470,6 +515,85 @@ def run_backward(root: Tensor, grad: Any) -> None:
         # early so that activations do not outlive their use.
         node._ctx = None
         node._parents = ()
+
+
+# ---- the weight-gradient half of a split backward ------------------------------------------
+
+
+class WeightGradients:
+    """Parameter gradients a backward pass under `defer_weight_grads` left for later.
+
+    For each op with parameter inputs, ``keep`` notes (op, ctx, dL/dy, inputs, which are
+    parameters) and lets the pass compute only the other inputs' gradients: it sets
+    ``ctx.needs_input_grad`` false for the parameters, so ops that honour it (Linear, LayerNorm,
+    matmul, ...) skip that work. ``run`` calls each op's ``backward`` again with only the
+    parameters needing a gradient, sums a parameter's contributions in the order the pass
+    met them, and adds the sum to ``.grad`` and runs its hooks, as `run_backward` would have.
+    Kept until ``run``: each such op's context (for a Linear its input x and W) and dL/dy.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[type[Function], Context, Any, tuple, tuple[bool, ...]]] = []
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def keep(self, node: Tensor, g: Any, taken: set[int]) -> tuple[bool, ...]:
+        """Note ``node``'s parameter edges for ``run``; return which inputs they are (empty
+        when none). ``taken``: memory ids a leaf must not adopt as its ``.grad`` (``g`` joins).
+        """
+        fn, ctx = node._fn, node._ctx
+        assert fn is not None and ctx is not None
+        later = tuple(fn.defers_weight_grads and t.is_parameter and need
+                      for t, need in zip(node._parents, ctx.needs_input_grad, strict=True))
+        if not any(later):
+            return ()
+        self.pending.append((fn, ctx, g, node._parents, later))
+        taken.add(_memory_id(g))
+        ctx.needs_input_grad = tuple(need and not w
+                                     for need, w in zip(ctx.needs_input_grad, later, strict=True))
+        return later
+
+    def run(self) -> None:
+        """dL/dθ for every kept parameter edge, accumulated into ``θ.grad`` (then hooks)."""
+        timer = _OpTimer.current
+        sums: dict[int, list] = {}  # id(param) -> [param, gradient, owned by us?]
+        for fn, ctx, g, params, later in self.pending:
+            ctx.needs_input_grad = later
+            grads = fn.backward(ctx, g) if timer is None else timer.backward(fn, ctx, g)
+            grads = grads if isinstance(grads, tuple) else (grads,)
+            for param, pg, deferred in zip(params, grads, later, strict=True):
+                if not deferred or pg is None:
+                    continue
+                if pg.shape != param.data.shape:
+                    raise RuntimeError(f"{fn.__name__}.backward returned a gradient of shape "
+                                       f"{pg.shape} for a parameter of shape {param.shape}")
+                slot = sums.setdefault(id(param), [param, None, False])
+                if slot[1] is None:
+                    slot[1] = pg
+                elif slot[2]:
+                    slot[1] += pg
+                else:
+                    slot[1], slot[2] = slot[1] + pg, True
+        self.pending.clear()
+        for param, g, owned in sums.values():
+            if param.grad is None:
+                param.grad = g if owned else g.copy()
+            else:
+                param.grad += g
+            for hook in param._hooks:
+                hook(param)
+
+    def saved_arrays(self) -> list[Any]:
+        """Every array kept for ``run``: the kept contexts' arrays and output gradients, each
+        block of memory once (as its `memory_root`), like `saved_arrays` of a graph."""
+        blocks: dict[int, Any] = {}
+        for _, ctx, g, _, _ in self.pending:
+            for a in (*ctx.saved, *vars(ctx).values(), g):
+                if hasattr(a, "nbytes"):
+                    owner = memory_root(a)
+                    blocks.setdefault(id(owner), owner)
+        return list(blocks.values())
 
 
 def _shares_nothing(g: Any, leaf_memory: set[int], grads: dict[int, list]) -> bool:

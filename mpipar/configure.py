@@ -93,6 +93,7 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
     if args.zero == 3 and args.precision != "fp32":
         problems.append(f"--zero 3 keeps the parameters it shards in the model's dtype, with no "
                         f"fp32 masters; it does not apply to --precision {args.precision}")
+    problems += zero_bubble_problems(args, pp)
     if args.teacher and args.precision != "fp32":
         problems.append(f"--teacher computes the distillation loss in fp32; it does not "
                         f"apply to --precision {args.precision}")
@@ -114,6 +115,20 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
         resumed = check_checkpoint(args, ckpt, cfg, tc, digest, source)
         contents[f"--resume {args.resume}"] = ckpt.digest
     return Setup(cfg, tc, dp, tp, pp, data, source, digest, resumed, contents)
+
+
+def zero_bubble_problems(args: argparse.Namespace, pp: int) -> list[str]:
+    """What --schedule zb-h1 does not take (see `schedules.zero_bubble_h1`), one line each."""
+    if args.schedule != "zb-h1" or pp == 1:  # one stage runs no schedule
+        return []
+    problems = []
+    if args.microbatches < pp:
+        problems.append(f"--schedule zb-h1 needs --microbatches >= --pp: got --microbatches "
+                        f"{args.microbatches} < --pp {pp} (with fewer the pipe never fills)")
+    if args.zero == 3:
+        problems.append("--schedule zb-h1 does not take --zero 3: a W runs after its block's "
+                        "gathered parameters have been overwritten by other blocks' gathers")
+    return problems
 
 
 def check_values(args: argparse.Namespace) -> list[str]:

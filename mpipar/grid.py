@@ -31,7 +31,7 @@ from typing import Any
 from mpipar.comm import Comm, world_size_and_rank
 from mpipar.trace import Tracer
 
-SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved")
+SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved", "zb-h1")
 ZERO_STAGES = (0, 1, 2, 3)
 
 

@@ -48,6 +48,8 @@ class Parameter(Tensor):
     the parallel code asks the flag, never the name.
     """
 
+    is_parameter = True  # its gradient is a W of a split backward (`defer_weight_grads`)
+
     __slots__ = ("init", "full_shape", "shard_index", "local_index", "replicated_in_tp", "tied",
                  "tied_embedding", "before_sequence_split")
 

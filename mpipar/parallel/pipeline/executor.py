@@ -5,6 +5,8 @@ looks each instruction's class up in a dispatch table::
 
     Forward(mb, c)          run chunk c on microbatch mb; stash what its backward needs
     Backward(mb, c)         backpropagate dL/d(output) through chunk c; free the stash
+    BackwardInput(mb, c)    the same for dL/d(input) only; parameter gradients wait for W
+    BackwardWeight(mb, c)   the parameter gradients B left (`WeightGradients`); free the rest
     SendActivation(mb, c)   Send chunk c's output for mb to the next virtual stage
     RecvActivation(mb, c)   Recv the input of chunk c for mb from the previous virtual stage
     SendGrad(mb, c)         Send dL/d(input of chunk c) back to the previous virtual stage
@@ -47,7 +49,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mpipar.autograd import Tensor, no_grad
+from mpipar.autograd import Tensor, WeightGradients, defer_weight_grads, no_grad
 from mpipar.backend import get_xp, to_numpy
 from mpipar.grid import ProcessGrid
 from mpipar.model import GPT
@@ -57,6 +59,8 @@ from mpipar.trace import Tracer
 from .checker import ScheduleReport, check_schedule
 from .instructions import (
     Backward,
+    BackwardInput,
+    BackwardWeight,
     Forward,
     Instruction,
     OptimizerStep,
@@ -148,7 +152,9 @@ class PipelineExecutor:
             RecvActivation: self._recv, RecvGrad: self._recv,
             SendRecv: self._sendrecv,
         }
-        self.dispatch: Dispatch = {Forward: self._forward, Backward: self._backward, **transfers}
+        self.dispatch: Dispatch = {Forward: self._forward, Backward: self._backward,
+                                   BackwardInput: self._backward_input,
+                                   BackwardWeight: self._backward_weight, **transfers}
         self.eval_dispatch: Dispatch = {Forward: self._forward_eval, **transfers}
         self._start(training=False)
 
@@ -333,15 +339,48 @@ class PipelineExecutor:
         mb, c = instr.mb, instr.chunk
         x, out = self.stash.release((mb, c))
         with self.tracer.span(span_name("backward", c), phase="backward", microbatch=mb):
-            if is_last_stage(self.r, c, self.p, self.v):
-                out.backward()  # out = Lₖ/M, a scalar: dL/dout = 1
-            else:
-                grad = self.out_grads.pop((mb, c))  # (mb, T/parts, d)
-                out.backward(grad)
-                self.pool.give(grad)
+            grad = self._backpropagate(out, mb, c)
+        for buf in (grad, None if x is None else x.data):
+            if buf is not None:
+                self.pool.give(buf)  # the graph that saved them is gone
         if x is not None:
             self.in_grads[(mb, c)] = x.grad
-            self.pool.give(x.data)  # the graph that saved it is gone
+
+    def _backward_input(self, instr: BackwardInput) -> None:
+        """B of a split backward: dL/dx = (∂y/∂x)ᵀ dL/dy only, kept for `SendGrad`; every
+        parameter edge is left in a `WeightGradients` for `_backward_weight`. The received
+        buffers stay out of the pool until then: W may read them (a Linear's input x or
+        dL/dy can be one of them)."""
+        mb, c = instr.mb, instr.chunk
+        x, out = self.stash.release((mb, c))
+        store = WeightGradients()
+        with self.tracer.span(span_name("backward", c), phase="backward", microbatch=mb):
+            with defer_weight_grads(store):
+                grad = self._backpropagate(out, mb, c)
+        if x is not None:
+            self.in_grads[(mb, c)] = x.grad
+        buffers = [b for b in (grad, None if x is None else x.data) if b is not None]
+        self.stash.keep_for_weights((mb, c), store, buffers)
+
+    def _backward_weight(self, instr: BackwardWeight) -> None:
+        """W of a split backward: dL/dθ of chunk c for microbatch mb, accumulated (+=) into
+        ``.grad`` (for a Linear dW = dYᵀ X, db = Σ dY); then its buffers go back to the pool."""
+        mb, c = instr.mb, instr.chunk
+        store, buffers = self.stash.release_weights((mb, c))
+        with self.tracer.span(span_name("weight", c), phase="backward", microbatch=mb):
+            store.run()
+        for buf in buffers:
+            self.pool.give(buf)
+
+    def _backpropagate(self, out: Tensor, mb: int, c: int) -> Any:
+        """``out.backward`` from dL/dy; returns the received gradient buffer (None on the last
+        virtual stage, where y = Lₖ/M is a scalar and dL/dy = 1)."""
+        if is_last_stage(self.r, c, self.p, self.v):
+            out.backward()
+            return None
+        grad = self.out_grads.pop((mb, c))  # (mb, T/parts, d)
+        out.backward(grad)
+        return grad
 
     # -- communication -----------------------------------------------------------------------
     def _outgoing(self, part: PointToPoint) -> Any:

@@ -1,14 +1,15 @@
 """Measuring a pipeline from its trace: compute spans → timelines, bubbles, the run report.
 
 The executor records every forward and backward as a compute span (``op="compute"``) named by
-:func:`span_name` (``"forward chunk c"``, ``"backward chunk c"``) with its step and microbatch;
+:func:`span_name` (``"forward chunk c"``, ``"backward chunk c"``, and for a split backward's W
+``"weight chunk c"``) with its step and microbatch;
 :func:`compute_interval` parses that name back, so the writer and the reader of the name live
 here together. One step's spans are the same kind of `Timeline` the simulator produces, so the
 same drawing shows the real step. The measured bubble of rank r in a step is
 
     bubble_r = 1 − busy_r / (end − start)
 
-where busy_r is the time rank r spent in forward and backward spans, and [start, end) runs
+where busy_r is the time rank r spent in forward, backward and W spans, and [start, end) runs
 from the first span of any rank to the last one of any rank in that step. Waiting for a
 message counts as idle, as in the theory: (p − 1)/(m + p − 1) for GPipe and 1F1B.
 """
@@ -21,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from mpipar.trace import COMPUTE, TraceRecord, human_bytes
 
 from .checker import theoretical_bubble
-from .timeline import BACKWARD, FORWARD, Interval, Timeline, as_timeline
+from .timeline import BACKWARD, FORWARD, WEIGHT, Interval, Timeline, as_timeline
 
 
 def span_name(kind: str, chunk: int) -> str:
@@ -29,8 +30,8 @@ def span_name(kind: str, chunk: int) -> str:
     return f"{kind} chunk {chunk}"
 
 
-_SPAN = re.compile(r"^(forward|backward)(?: chunk (\d+))?$")
-_KIND = {"forward": FORWARD, "backward": BACKWARD}
+_SPAN = re.compile(r"^(forward|backward|weight)(?: chunk (\d+))?$")
+_KIND = {"forward": FORWARD, "backward": BACKWARD, "weight": WEIGHT}
 
 # (start, end, busy) of one rank's forward and backward spans in one step
 Extent = tuple[float, float, float]

@@ -10,6 +10,10 @@ a microbatch:
   autograd graph backward will walk, and with them every array that graph saved. Its size in
   bytes is measured after each forward (`graph_bytes`, with the autograd's `saved_arrays`)
   and its peaks are kept in `StashStats`: the number GPipe and 1F1B differ by.
+
+A split backward (zero-bubble schedules) frees the graph at B but not the whole stash: what
+its W needs (`WeightGradients`: each weight's input and output gradient, and the receive
+buffers they may live in) stays under the same key until W, measured again after B.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mpipar.autograd import Tensor, memory_root, saved_arrays
+from mpipar.autograd import Tensor, WeightGradients, memory_root, saved_arrays
 from mpipar.backend import get_xp
 
 Key = tuple[int, int]  # (microbatch, chunk)
@@ -48,8 +52,9 @@ class StashStats:
     """Activation memory an executor held, measured while it ran.
 
     ``peak_inflight``: most (microbatch, chunk) stashes alive at once (forward done, backward
-    not yet); ``peak_bytes``: most bytes those stashes held at once (inputs and arrays saved
-    for backward, parameters excluded); ``buffers``: receive buffers the pool ever allocated.
+    not yet, or for a split backward W not yet); ``peak_bytes``: most bytes those stashes
+    held at once (inputs and arrays saved for backward, parameters excluded); ``buffers``:
+    receive buffers the pool ever allocated.
     """
 
     peak_inflight: int = 0
@@ -94,20 +99,39 @@ class Stash:
         self.stats = stats
         self.exclude = exclude
         self.entries: dict[Key, tuple[Tensor | None, Tensor, int]] = {}
+        self.for_weights: dict[Key, tuple[WeightGradients, list[Any], int]] = {}
         self.nbytes = 0
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.entries) + len(self.for_weights)
+
+    def _count(self, nbytes: int) -> None:
+        self.nbytes += nbytes
+        self.stats.peak_inflight = max(self.stats.peak_inflight, len(self))
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.nbytes)
 
     def keep(self, key: Key, x: Tensor | None, out: Tensor) -> None:
         held = [x.data] if x is not None else []
         nbytes = graph_bytes(out, held, self.exclude)
         self.entries[key] = (x, out, nbytes)
-        self.nbytes += nbytes
-        self.stats.peak_inflight = max(self.stats.peak_inflight, len(self.entries))
-        self.stats.peak_bytes = max(self.stats.peak_bytes, self.nbytes)
+        self._count(nbytes)
 
     def release(self, key: Key) -> tuple[Tensor | None, Tensor]:
         x, out, nbytes = self.entries.pop(key)
         self.nbytes -= nbytes
         return x, out
+
+    def keep_for_weights(self, key: Key, store: WeightGradients, buffers: list[Any]) -> None:
+        """After B of ``key``: keep what its W needs, ``store``, and the receive ``buffers``
+        that may hold some of it (they go back to the pool only after W); count its bytes."""
+        blocks = {id(b): b for b in map(memory_root, buffers)}
+        blocks.update((id(b), b) for b in store.saved_arrays())
+        nbytes = sum(int(b.nbytes) for k, b in blocks.items() if k not in self.exclude)
+        self.for_weights[key] = (store, buffers, nbytes)
+        self._count(nbytes)
+
+    def release_weights(self, key: Key) -> tuple[WeightGradients, list[Any]]:
+        """Hand W of ``key`` its `WeightGradients` and the buffers to give back after it."""
+        store, buffers, nbytes = self.for_weights.pop(key)
+        self.nbytes -= nbytes
+        return store, buffers
