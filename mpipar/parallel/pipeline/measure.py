@@ -21,7 +21,8 @@ from collections.abc import Iterable, Sequence
 
 from mpipar.trace import COMPUTE, TraceRecord, human_bytes
 
-from .checker import theoretical_bubble
+from .checker import simulate, theoretical_bubble
+from .schedules import build_schedule
 from .timeline import BACKWARD, FORWARD, WEIGHT, Interval, Timeline, as_timeline
 
 
@@ -121,6 +122,37 @@ def bubble_from_records(records: Sequence[TraceRecord],
         by_rank.setdefault(r.rank, []).append(r)
     extents = {rank: step_extents(recs) for rank, recs in sorted(by_rank.items())}
     return measured_bubble({r: e for r, e in extents.items() if e}, steps)
+
+
+def mean_durations(records: Iterable[TraceRecord],
+                   steps: Iterable[int] | None = None) -> dict[str, float]:
+    """Mean seconds of one forward, backward (or B) and W span, over every rank's spans of
+    ``steps`` (default: every step but the first, unless it is the only one). Kinds with no
+    span are left out (W, for a schedule without a split backward)."""
+    intervals = [(r.step, iv) for r in records if (iv := compute_interval(r)) is not None]
+    if steps is None:
+        ordered = sorted({step for step, _ in intervals})
+        steps = ordered[1:] if len(ordered) > 1 else ordered
+    wanted = set(steps)
+    sums: dict[str, list[float]] = {}
+    for step, iv in intervals:
+        if step in wanted:
+            total = sums.setdefault(iv.kind, [0.0, 0.0])
+            total[0] += iv.end - iv.start
+            total[1] += 1
+    return {kind: t / n for kind, (t, n) in sums.items()}
+
+
+def simulated_bubble(schedule: str, p: int, m: int, v: int, durations: dict[str, float]) -> float:
+    """The bubble the checker's simulation predicts for ``schedule`` when every F, B and W
+    takes its measured mean time (`mean_durations`), messages none: what the schedule alone
+    explains, against which the measured bubble shows the cost of everything else."""
+    forward = durations.get(FORWARD, 0.0)
+    weight = durations.get(WEIGHT, 0.0)
+    backward = durations.get(BACKWARD, 0.0) + weight
+    timeline = simulate(build_schedule(schedule, p, m, v), forward_time=forward * v,
+                        backward_time=backward * v, weight_time=weight * v, num_chunks=v)
+    return timeline.bubble_fraction()
 
 
 def pipeline_report(per_rank: Sequence[tuple[dict[int, Extent], dict[str, int]]],

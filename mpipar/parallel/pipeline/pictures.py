@@ -25,18 +25,26 @@ from mpipar.trace import load_jsonl
 
 from .checker import ScheduleError, check_schedule, theoretical_bubble
 from .instructions import Instruction, Schedule, SendRecv
-from .measure import bubble_from_records, trace_steps, trace_timeline
+from .measure import (
+    bubble_from_records,
+    mean_durations,
+    simulated_bubble,
+    trace_steps,
+    trace_timeline,
+)
 from .schedules import build_schedule, format_schedule
-from .timeline import BACKWARD, FORWARD, Interval, Timeline, render_text
+from .timeline import BACKWARD, FORWARD, WEIGHT, Interval, Timeline, render_text
 
-_COLORS = {FORWARD: "#4c72b0", BACKWARD: "#dd8452"}
+_COLORS = {FORWARD: "#4c72b0", BACKWARD: "#dd8452", WEIGHT: "#55a868"}
+_LEGEND = {FORWARD: "forward", BACKWARD: "backward (B)", WEIGHT: "W (weight gradients)"}
 
 
 def render_png(timeline: Timeline, path: str, title: str = "",
                labels: Sequence[str] | None = None, xlabel: str = "time") -> None:
-    """Draw ``timeline`` to ``path`` (PNG): one row per rank, forward boxes blue and backward
-    boxes orange, each with its microbatch (and chunk, when ranks hold several); idle time is
-    the white between them. Raises ImportError with a hint if matplotlib is missing."""
+    """Draw ``timeline`` to ``path`` (PNG): one row per rank, forward boxes blue, backward
+    (or B) boxes orange and W boxes green, each with its microbatch (and chunk, when ranks
+    hold several); idle time is the white between them. Raises ImportError with a hint if
+    matplotlib is missing."""
     try:
         import matplotlib
 
@@ -66,9 +74,10 @@ def render_png(timeline: Timeline, path: str, title: str = "",
     ax.set_yticklabels(list(reversed(labels)))
     ax.set_xlim(0, span)
     ax.set_xlabel(xlabel)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _COLORS.values()]
-    ax.legend(handles, ["forward", "backward"], loc="lower right", bbox_to_anchor=(1.0, 1.0),
-              ncol=2, fontsize=8, frameon=False)
+    kinds = [k for k in _COLORS if any(iv.kind == k for row in timeline.intervals for iv in row)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS[k]) for k in kinds]
+    ax.legend(handles, [_LEGEND[k] for k in kinds], loc="lower right",
+              bbox_to_anchor=(1.0, 1.0), ncol=len(kinds), fontsize=8, frameon=False)
     ax.set_title(title or f"bubble {timeline.bubble_fraction():.1%}", loc="left", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -114,8 +123,9 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     except ScheduleError as exc:
         print(f"REJECTED by the checker: {exc}")
         return 1
+    split = " = B 1 + W 1" if args.schedule == "zb-h1" else ""
     print(f"checker: OK — every send meets its receive, no cycle of waits; "
-          f"makespan {report.makespan:g} (forward 1, backward 2 per microbatch and rank)")
+          f"makespan {report.makespan:g} (forward 1, backward 2{split} per microbatch and rank)")
     print(f"bubble: simulated {report.bubble_fraction:.4f}, theory "
           f"{report.theoretical_bubble:.4f}")
     print("peak microbatches in flight per rank: "
@@ -162,6 +172,13 @@ def cmd_timeline(args: argparse.Namespace) -> int:
         line += f"; theory ({args.schedule}, p={pp}, m={m}, v={v}): " \
                 f"{theoretical_bubble(args.schedule, pp, m, v):.1%}"
     print(line)
+    if args.schedule:
+        durations = mean_durations(records)
+        pp = args.pp or p
+        shown = ", ".join(f"{kind} {durations[kind] * 1e3:.2f} ms" for kind in
+                          (FORWARD, BACKWARD, WEIGHT) if kind in durations)
+        print(f"simulated with the measured mean spans ({shown}): bubble "
+              f"{simulated_bubble(args.schedule, pp, m, v, durations):.1%}")
     if args.output:
         labels = [f"rank {r}" for r in ranks]
         render_png(timeline, args.output, labels=labels, xlabel="time (ms)",
