@@ -78,3 +78,7 @@ def test_L09_gradient_norm_counts_every_element_once(two):
 
 def test_L10_vocab_parallel_embedding_of_an_odd_vocabulary(two):
     passed(two, "vocab_offset")
+
+
+def test_L13_zero_bubble_gradients_equal_1f1b_at_pp3():
+    passed(launch(3, "labs.py", "zb3"), "zb_weights")
