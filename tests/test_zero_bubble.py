@@ -8,8 +8,10 @@ the paper's (p − 1)(F + B − W) for F = B = W.
 
 With MPI (``mpi_scripts/equivalence.py``): ZB-H1 equals the 1-process run to 1e-10 relative
 in float64 and 1F1B bit for bit, for pp2 (M = 4, also with full recomputation), pp4 (M = 8,
-oversubscribed), dp2 × pp2, tp2 × pp2 with sequence parallelism; ``train.py`` reports the
-predicted peak in flight and rejects what zb-h1 does not take with exit 2.
+oversubscribed), dp2 × pp2 (also ZeRO-2), tp2 × pp2 with sequence parallelism; ``train.py``
+reports the predicted peak in flight and rejects what zb-h1 does not take with exit 2.
+
+The planner: zb-h1's bubble is the simulator's, its stages hold p stashes each.
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ from mpipar.parallel.pipeline.checker import (
 )
 from mpipar.parallel.pipeline.instructions import BackwardWeight
 from mpipar.parallel.pipeline.schedules import build_schedule, format_schedule
+from mpipar.plan.cluster import A100_CLUSTER
+from mpipar.plan.compute import bubble_fraction
+from mpipar.plan.layout import Layout
+from mpipar.plan.memory import in_flight_layers
+from mpipar.plan.model_shape import ModelShape
+from mpipar.plan.search import candidate_layouts, evaluate
 
 # ---- the split backward, in one process -------------------------------------------------
 
@@ -247,3 +255,23 @@ def test_bad_zb_h1_config_exits_2(flags, fragment):
     assert proc.returncode == 2, describe_run(proc)
     assert fragment in proc.stderr, describe_run(proc)
     assert "Traceback" not in proc.stderr, describe_run(proc)
+
+
+# ---- the planner ------------------------------------------------------------------------
+
+
+def test_planner_charges_zb_h1_the_simulated_bubble_and_p_stashes_per_stage():
+    lay = Layout(pp=4, microbatches=8, batch_size=8, schedule="zb-h1")
+    timeline = simulate(build_schedule("zb-h1", 4, 8), 1.0, 2.0)  # F = B = W = 1
+    assert bubble_fraction(lay) == pytest.approx(1 - 3 * 8 / timeline.makespan)
+    shape = ModelShape(8, 64, 4, 32, 103)  # 8 blocks: 2 per stage
+    one = Layout(pp=4, microbatches=8, batch_size=8, schedule="1f1b")
+    for r in range(4):  # (blocks, head copies, stage inputs) at the peak
+        assert in_flight_layers(shape, lay, r) == (2 * 4, 4 * (r == 3), 4)
+        assert in_flight_layers(shape, one, r) == (2 * (4 - r), r == 3, 4 - r)
+    cluster = A100_CLUSTER.with_(devices=4)
+    assert any(x.schedule == "zb-h1" for x in candidate_layouts(shape, cluster, 8,
+                                                                precision="fp32"))
+    bad = evaluate(shape, Layout(dp=2, pp=2, microbatches=4, batch_size=8, zero=3,
+                                 schedule="zb-h1"), cluster)
+    assert "--schedule zb-h1 does not take --zero 3" in bad.problems

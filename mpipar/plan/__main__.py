@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = p.add_argument_group("only layouts with (each flag as train.py's)")
     for flag in ("--dp", "--tp", "--pp", "--microbatches", "--zero"):
         f.add_argument(flag, type=int)
-    f.add_argument("--schedule", choices=("naive", "gpipe", "1f1b", "interleaved"))
+    f.add_argument("--schedule", choices=("naive", "gpipe", "1f1b", "interleaved", "zb-h1"))
     f.add_argument("--recompute", choices=("none", "selective", "full"))
     f.add_argument("--sequence-parallel", choices=("yes", "no"))
     o = p.add_argument_group("output")
@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                        layouts=chosen(args, candidate_layouts(
                            shape, cluster, batch, precision=args.precision,
                            schedules=(args.schedule,) if args.schedule else ("1f1b",
-                                                                             "interleaved"))))
+                                                                             "interleaved",
+                                                                             "zb-h1"))))
     if args.json:
         print(json_report(shape, cluster, batch, good, bad, args.top))
     else:

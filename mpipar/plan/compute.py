@@ -14,7 +14,9 @@ the work costs ``overhead_s_per_token`` per token, block and unit of width; the 
 one device the compute runs at the cluster's ``concurrent_fraction`` of that rate. A pipeline runs
 m microbatches through p stages, so the step stretches by the bubble: compute/(1 − bubble),
 bubble = (p − 1)/(m + p − 1) for GPipe and 1F1B, (p − 1)/(v·m + p − 1) interleaved,
-(p − 1)/p for the naive schedule (`mpipar.parallel.pipeline.checker.theoretical_bubble`).
+(p − 1)/p for the naive schedule, (p − 1)/(3m + p − 1) for ZB-H1 (its (p − 1)(F + B − W) with
+F = B = W: a block's forward, input-gradient and weight-gradient GEMMs are 24h² FLOPs per
+token each) (`mpipar.parallel.pipeline.checker.theoretical_bubble`).
 Communication is added as it is traced, none of it assumed hidden behind compute: each call's
 α–β time on the link its group uses (`cluster.group_link`).
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from mpipar.model import RECOMPUTE_MODES
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved")
+SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved", "zb-h1")
 
 
 @dataclass(frozen=True)

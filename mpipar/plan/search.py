@@ -59,11 +59,13 @@ def divisors(n: int) -> list[int]:
 
 def candidate_layouts(shape: ModelShape, cluster: Cluster, batch: int, *, precision: str,
                       max_microbatches: int = 64,
-                      schedules: tuple[str, ...] = ("1f1b", "interleaved")) -> list[Layout]:
+                      schedules: tuple[str, ...] = ("1f1b", "interleaved", "zb-h1"),
+                      ) -> list[Layout]:
     """Every dp × tp × pp = devices, microbatch count, schedule, ZeRO stage, sequence
     parallelism and recomputation worth trying. Microbatches are powers of two (and, with a
     pipeline, at least pp: fewer leave most of it idle). GPipe and the naive schedule take
-    the time of 1F1B or more and more memory, so they are tried only when asked for."""
+    the time of 1F1B or more and more memory, so they are tried only when asked for; ZB-H1
+    is tried: a smaller bubble for p stashes on every stage."""
     out = []
     for tp, pp in itertools.product(divisors(cluster.devices), repeat=2):
         if cluster.devices % (tp * pp) or pp > shape.n_layer:
@@ -93,6 +95,8 @@ def problems_of(shape: ModelShape, layout: Layout, cluster: Cluster) -> list[str
                                seq_len=shape.seq_len, allreduce=lay.allreduce)
     if lay.zero == 3 and lay.precision != "fp32":
         problems.append(f"--zero 3 runs in full precision only, not --precision {lay.precision}")
+    if lay.schedule == "zb-h1" and lay.pp > 1 and lay.zero == 3:
+        problems.append("--schedule zb-h1 does not take --zero 3")
     return problems
 
 
