@@ -106,7 +106,7 @@ def forward_only_program(r: int, p: int, m: int, v: int) -> list[Instruction]:
 class PipelineConfig(Protocol):
     """The fields of a training config the executor reads (`TrainConfig` has them)."""
 
-    schedule: str  # "naive", "gpipe", "1f1b" or "interleaved"
+    schedule: str  # "naive", "gpipe", "1f1b", "interleaved" or "zb-h1"
     microbatches: int  # M
     virtual_stages: int  # v, chunks per rank
 
