@@ -270,8 +270,8 @@ def test_planner_charges_zb_h1_the_simulated_bubble_and_p_stashes_per_stage():
         assert in_flight_layers(shape, lay, r) == (2 * 4, 4 * (r == 3), 4)
         assert in_flight_layers(shape, one, r) == (2 * (4 - r), r == 3, 4 - r)
     cluster = A100_CLUSTER.with_(devices=4)
-    assert any(x.schedule == "zb-h1" for x in candidate_layouts(shape, cluster, 8,
-                                                                precision="fp32"))
+    assert any(x.schedule == "zb-h1" for x in candidate_layouts(
+        shape, cluster, 8, precision="fp32", schedules=("1f1b", "zb-h1")))
     bad = evaluate(shape, Layout(dp=2, pp=2, microbatches=4, batch_size=8, zero=3,
                                  schedule="zb-h1"), cluster)
     assert "--schedule zb-h1 does not take --zero 3" in bad.problems

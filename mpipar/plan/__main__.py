@@ -243,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                        layouts=chosen(args, candidate_layouts(
                            shape, cluster, batch, precision=args.precision,
                            schedules=(args.schedule,) if args.schedule else ("1f1b",
-                                                                             "interleaved",
-                                                                             "zb-h1"))))
+                                                                             "interleaved"))))
     if args.json:
         print(json_report(shape, cluster, batch, good, bad, args.top))
     else:

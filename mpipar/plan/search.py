@@ -59,13 +59,12 @@ def divisors(n: int) -> list[int]:
 
 def candidate_layouts(shape: ModelShape, cluster: Cluster, batch: int, *, precision: str,
                       max_microbatches: int = 64,
-                      schedules: tuple[str, ...] = ("1f1b", "interleaved", "zb-h1"),
-                      ) -> list[Layout]:
+                      schedules: tuple[str, ...] = ("1f1b", "interleaved")) -> list[Layout]:
     """Every dp × tp × pp = devices, microbatch count, schedule, ZeRO stage, sequence
     parallelism and recomputation worth trying. Microbatches are powers of two (and, with a
     pipeline, at least pp: fewer leave most of it idle). GPipe and the naive schedule take
-    the time of 1F1B or more and more memory, so they are tried only when asked for; ZB-H1
-    is tried: a smaller bubble for p stashes on every stage."""
+    the time of 1F1B or more and more memory, so they are tried only when asked for; so is
+    ZB-H1 (``--schedule zb-h1``), a smaller bubble for p stashes on every stage."""
     out = []
     for tp, pp in itertools.product(divisors(cluster.devices), repeat=2):
         if cluster.devices % (tp * pp) or pp > shape.n_layer:
