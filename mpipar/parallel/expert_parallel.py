@@ -39,13 +39,19 @@ from mpipar.nn import ModuleList, Parameter
 from mpipar.parallel.data_parallel import DataParallel
 
 
+def split_colors(dp_rank: int, ep: int) -> dict[str, tuple[int, int]]:
+    """The (color, key) a dp rank hands to ``Split`` of its dp group for each expert group:
+    ep = the P consecutive dp ranks, edp = the dp ranks P apart."""
+    return {"ep": (dp_rank // ep, dp_rank % ep), "edp": (dp_rank % ep, dp_rank // ep)}
+
+
 def expert_groups(dp_comm: Comm, ep: int) -> tuple[Comm, Comm]:
     """``(ep group, edp group)`` of this rank, split from its data-parallel group."""
     if dp_comm.size % ep:
         raise ValueError(f"--ep {ep} does not divide the data-parallel size {dp_comm.size}")
-    r = dp_comm.rank
-    ep_comm = dp_comm.split(r // ep, r % ep, "ep")
-    edp_comm = dp_comm.split(r % ep, r // ep, "edp")
+    colors = split_colors(dp_comm.rank, ep)
+    ep_comm = dp_comm.split(*colors["ep"], "ep")
+    edp_comm = dp_comm.split(*colors["edp"], "edp")
     assert ep_comm is not None and edp_comm is not None
     return ep_comm, edp_comm
 
@@ -200,4 +206,4 @@ class ExpertDataParallel:
 
 
 __all__ = ["AllToAll", "ExpertDataParallel", "ExpertParallelDispatch", "all_to_all",
-           "exchange", "expert_groups", "grouping", "is_expert"]
+           "exchange", "expert_groups", "grouping", "is_expert", "split_colors"]
