@@ -78,3 +78,7 @@ def test_L09_gradient_norm_counts_every_element_once(two):
 
 def test_L10_vocab_parallel_embedding_of_an_odd_vocabulary(two):
     passed(two, "vocab_offset")
+
+
+def test_L12_expert_gradients_are_the_average_over_dp(two):
+    passed(two, "expert_gradients")
