@@ -345,8 +345,16 @@ class GPT(Module):
             self.wte.weight.tied = True
 
     def moe_layers(self) -> list[MoE]:
-        """The mixture-of-experts MLPs of this chunk's blocks (none in a dense model)."""
-        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+        """The mixture-of-experts MLPs of this chunk's blocks (none in a dense model), found
+        among the sub-modules wherever a wrapper (ZeRO-3's sharded blocks) put them."""
+        found, todo = [], [self.blocks]
+        while todo:
+            module = todo.pop()
+            if isinstance(module, MoE):
+                found.append(module)
+            else:
+                todo.extend(child for _, child in module.children())
+        return found
 
     def set_recompute(self, mode: str) -> None:
         """What each block keeps for backward: ``"none"`` (every array its operations save),

@@ -2,7 +2,8 @@
 saved under expert parallelism, and the start-up rules (docs/design.md §12).
 
 * ``tests/mpi_scripts/equivalence.py`` on 4 ranks: dp 4 with ep 2 and ep 4 (microbatches),
-  and a pipeline (pp 2 × dp 2) of MoE blocks, against the 1-process MoE run (float64, 1e-10).
+  a pipeline (pp 2 × dp 2) of MoE blocks and ZeRO-3, against the 1-process MoE run
+  (float64, 1e-10).
 * ``train.py`` on 2 ranks with ``--ep 2`` against ``train.py`` on one process: per-step
   losses, aux losses and dropped assignments, the checkpoints' arrays, the loss of a
   1-process run resumed from each checkpoint, and the trace's all-to-all bytes against the
@@ -25,6 +26,7 @@ LAYOUTS = [
     {"name": "dp4 ep2", "dp": 4, "train": {"ep": 2}},
     {"name": "dp4 ep4 mb2", "dp": 4, "train": {"ep": 4, "microbatches": 2}},
     {"name": "pp2 dp2 mb2", "dp": 2, "pp": 2, "train": {"microbatches": 2}},
+    {"name": "dp4 zero3", "dp": 4, "train": {"zero": 3}},  # experts inside sharded blocks
 ]
 
 
