@@ -18,7 +18,10 @@ claim slots in priority order: every token's first choice in position order, the
 token's second choice, and so on (GShard's order), so which assignment wins is fixed by the
 data alone. An assignment that finds its expert full is *dropped*: it adds 0 to y_t (the
 token still passes through the residual connection). Counting per sequence makes routing
-independent of how the batch is split between ranks and microbatches.
+independent of how the batch is split between ranks and microbatches. Capacity applies in
+training; in evaluation mode (``eval()``: validation, generation) every assignment is kept, so
+a token's output does not depend on the other tokens of its sequence and generation with a
+KV cache, one token at a time, computes what a pass over the whole sequence computes.
 
 **Load-balancing loss** (Switch Transformer, Fedus et al. 2021, eq. 4), per sequence s:
 
@@ -208,7 +211,9 @@ class MoE(Module):
         n = b * t
         xf = ops.reshape(x, (n, d))
         probs = ops.softmax(self.router(xf), axis=-1)                          # (N, E)
-        cap = capacity(t, self.n_expert, self.top_k, self.capacity_factor)
+        # Capacity binds in training only: evaluation and generation keep every assignment,
+        # so a token's output never depends on its neighbours (cached generation = uncached).
+        cap = capacity(t, self.n_expert, self.top_k, self.capacity_factor) if self.training else t
         routing = route(to_numpy(probs.data), b, self.top_k, cap)
         gates = self.gates(probs, routing)                                     # (n_kept, 1)
         xs = ops.getitem(xf, get_xp().asarray(routing.tokens))                 # (n_kept, d)

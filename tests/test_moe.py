@@ -133,3 +133,17 @@ def test_dense_config_unchanged_and_moe_model_gradients():
 def test_bad_top_k_refused():
     with pytest.raises(ValueError, match="top 3"):
         GPTConfig(n_expert=2, moe_top_k=3)
+
+
+def test_evaluation_keeps_every_assignment():
+    """In eval mode capacity does not bind: a token's output is the same whatever follows it
+    in its sequence (what cached generation, one token at a time, relies on)."""
+    layer = moe_layer(cf=0.5)
+    x = np.random.default_rng(8).standard_normal((2, 6, D))
+    layer.eval()
+    whole, prefix = layer(Tensor(x)).numpy(), layer(Tensor(x[:, :2].copy())).numpy()
+    assert layer.dropped_sum == 0
+    assert np.allclose(whole[:, :2], prefix, rtol=1e-13, atol=1e-15)
+    layer.train()
+    layer(Tensor(x))
+    assert layer.dropped_sum > 0  # the same input drops assignments in training
