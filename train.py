@@ -126,6 +126,9 @@ def start(args: argparse.Namespace, setup: Setup, world: Comm, watchdog: Watchdo
             f"({tc.batch_size * cfg.seq_len} tokens), {tc.microbatches} microbatch(es), "
             f"{tc.optimizer} lr {tc.lr}"
             + (f", resuming at step {trainer.step}" if s.resumed is not None else ""))
+    if cfg.n_expert:
+        run.say(f"experts: {cfg.n_expert} per block, top-{cfg.moe_top_k}, capacity factor "
+                f"{cfg.capacity_factor}, aux loss coef {cfg.aux_loss_coef}, ep {tc.ep}")
     if trainer.precision.half:
         run.say(f"precision: {tc.precision} compute on {cfg.dtype} master weights"
                 + (", dynamic loss scaling" if trainer.scaler is not None else ""))

@@ -12,6 +12,7 @@ pipeline parallelism are built from:
 ``send``/``recv``   point to point, blocking; ``sendrecv`` both at once (no deadlock)
 ``isend``/``irecv`` point to point, non-blocking: return a :class:`Request` to ``wait`` on
 ``iallreduce``      non-blocking all-reduce (lets gradient reduction overlap backward compute)
+``alltoallv``       rank i's block j goes to rank j, blocks of any size (expert parallelism)
 ==================  ==========================================================================
 
 Arrays travel as raw buffers through mpi4py's upper-case calls (``Allreduce``, ``Send``, ...),
@@ -124,6 +125,16 @@ def _message(a: np.ndarray) -> Any:
     """What mpi4py is handed for host array ``a``: ``a`` itself, or for bfloat16 its raw
     2-byte elements with the matching MPI type (see the module docstring)."""
     return [a.view(np.uint16), _BF16_TYPE] if a.dtype == BFLOAT16 else a
+
+
+def _vector(message: Any, counts: Sequence[int]) -> list:
+    """``message`` (`_message`'s) with per-rank ``counts`` and their displacements, as
+    mpi4py's ``Alltoallv`` takes it: ``[buffer, (counts, displacements), type]``."""
+    counts = [int(c) for c in counts]
+    displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+    if isinstance(message, list):  # bfloat16: [raw elements, their MPI type]
+        return [message[0], (counts, displs), message[1]]
+    return [message, (counts, displs)]
 
 
 def _unstage(buf: Any, staged: Any) -> None:
@@ -412,6 +423,30 @@ class Comm:
         """Block until every rank of the group has arrived (traced with 0 bytes)."""
         with self._traced("barrier", None):
             self.mpi.Barrier()
+
+    def alltoallv(self, send: Any, send_counts: Sequence[int], recv: Any,
+                  recv_counts: Sequence[int]) -> Any:
+        """Personalised exchange: this rank's ``send`` holds one block per group rank, in rank
+        order, ``send_counts[j]`` elements for rank j; ``recv`` receives rank j's block for
+        this rank, ``recv_counts[j]`` elements, in rank order. Returns ``recv``.
+
+        Blocks lie back to back (displacements are the running sums of the counts). Traced
+        with the bytes of the whole ``send`` buffer (this rank's contribution, the block it
+        keeps for itself included). Every rank's ``send_counts[j]`` must equal rank j's
+        ``recv_counts[i]``; the counts usually come from an earlier ``alltoallv`` of counts.
+        """
+        if send.size != sum(send_counts) or recv.size != sum(recv_counts):
+            raise ValueError(
+                f"alltoallv: send has {send.size} elements for counts {list(send_counts)}, "
+                f"recv {recv.size} for counts {list(recv_counts)}")
+        if len(send_counts) != self.size or len(recv_counts) != self.size:
+            raise ValueError(f"alltoallv: need one count per rank of {self.size}")
+        _check_same(send, recv, "alltoallv")
+        with self._traced("alltoallv", send):
+            s, r = _staged(send, copy_in=True), _staged(recv, copy_in=False)
+            self.mpi.Alltoallv(_vector(s, send_counts), _vector(r, recv_counts))
+            _unstage(recv, r)
+        return recv
 
     # ---- point to point ----------------------------------------------------------------
 

@@ -97,6 +97,7 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
     if args.teacher and args.precision != "fp32":
         problems.append(f"--teacher computes the distillation loss in fp32; it does not "
                         f"apply to --precision {args.precision}")
+    problems += expert_problems(args, dp, tp, pp)
     text, source = read_text(args, problems)
     ckpt = read_resume(args, problems)
     if problems:
@@ -104,6 +105,8 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
     tokenizer = saved_vocabulary(ckpt) if ckpt else CharTokenizer.from_text(text)
     data = make_dataset(text, tokenizer, seq_len=shape["seq_len"], source=source)
     cfg = GPTConfig(vocab_size=tokenizer.vocab_size, dropout=args.dropout, dtype=args.dtype,
+                    n_expert=args.experts, moe_top_k=args.moe_top_k,
+                    capacity_factor=args.capacity_factor, aux_loss_coef=args.aux_loss_coef,
                     **shape)
     tc = train_config(args, batch_size)
     if args.teacher:
@@ -160,6 +163,29 @@ def check_values(args: argparse.Namespace) -> list[str]:
         problems.append(f"--zero {args.zero} shards AdamW's state; it does not apply to "
                         f"--optimizer {args.optimizer}")
     return problems
+
+
+def expert_problems(args: argparse.Namespace, dp: int, tp: int, pp: int) -> list[str]:
+    """The rules of a mixture of experts and of expert parallelism (docs/design.md §13)."""
+    e, k, ep = args.experts, args.moe_top_k, args.ep
+    if not e:
+        return [f"--ep {ep} splits experts between ranks; it needs --experts E"] if ep > 1 else []
+    rules = [
+        (k <= e, f"--moe-top-k {k} exceeds --experts {e}"),
+        (e % ep == 0, f"--ep {ep} does not divide --experts {e} (each rank holds E/P experts)"),
+        (dp % ep == 0, f"--ep {ep} does not divide the data-parallel size {dp} (the ep group "
+                       "is a part of the dp group)"),
+        (tp == 1, f"--experts does not combine with --tp {tp} (the experts are not split "
+                  "between tensor-parallel ranks)"),
+        (not args.sequence_parallel, "--experts does not combine with --sequence-parallel"),
+        (ep == 1 or args.zero == 0, f"--ep {ep} does not combine with --zero {args.zero}"),
+        (ep == 1 or pp == 1, f"--ep {ep} does not combine with --pp {pp}"),
+        (args.recompute != "full", "--experts does not combine with --recompute full (the "
+                                   "routing would run, and be counted, twice)"),
+        (args.precision == "fp32", f"--experts computes in --dtype; it does not apply to "
+                                   f"--precision {args.precision}"),
+    ]
+    return [message for ok, message in rules if not ok]
 
 
 def check_output_paths(args: argparse.Namespace) -> list[str]:
@@ -248,7 +274,8 @@ def train_config(args: argparse.Namespace, batch_size: int) -> TrainConfig:
         momentum=args.momentum, beta1=args.beta1, beta2=args.beta2, eps=args.eps,
         precision=args.precision, eval_every=args.eval_every,
         eval_tokens=args.eval_tokens or EVAL_TOKENS[args.preset],
-        log_every=args.log_every, microbatches=args.microbatches, schedule=args.schedule,
+        log_every=args.log_every, microbatches=args.microbatches, ep=args.ep,
+        schedule=args.schedule,
         virtual_stages=args.virtual_stages, zero=args.zero, bucket_mb=args.bucket_mb,
         overlap=not args.no_overlap, allreduce=args.allreduce,
         dp_strategy=args.dp_strategy.replace("-", "_"),

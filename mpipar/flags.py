@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_flags(ap.add_argument_group("training"))
     add_parallelism_flags(ap.add_argument_group("parallelism"))
     add_distillation_flags(ap.add_argument_group("distillation (mpipar/distill.py)"))
+    add_expert_flags(ap.add_argument_group(
+        "mixture of experts (mpipar/moe.py, mpipar/parallel/expert_parallel.py)"))
     add_output_flags(ap.add_argument_group(
         "output", "Every output's directory must already exist; each path is checked (a file "
                   "is created there and removed) before the first step."))
@@ -207,6 +209,24 @@ def add_distillation_flags(g: argparse._ArgumentGroup) -> None:
                    help="weight of the teacher's term: (1 − A)·CE + A·T²·KL (with --teacher)")
     g.add_argument("--distill-temperature", type=float, default=2.0, metavar="T",
                    help="softens the teacher's and the student's distributions (with --teacher)")
+
+
+def add_expert_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--experts", type=non_negative_int, default=0, metavar="E",
+                   help="replace each block's MLP by a mixture of E expert MLPs with a "
+                        "router; 0 keeps the dense MLP")
+    g.add_argument("--moe-top-k", type=positive_int, default=2, metavar="K",
+                   help="experts each token is sent to; K > 1 renormalises the K gates to "
+                        "sum to 1 (--top-k is the sampling flag)")
+    g.add_argument("--capacity-factor", type=positive_float, default=1.25, metavar="CF",
+                   help="each expert takes at most ceil(CF · seq_len · K / E) assignments "
+                        "per sequence; the rest are dropped (add 0)")
+    g.add_argument("--aux-loss-coef", type=non_negative_float, default=0.01, metavar="A",
+                   help="weight of the load-balancing loss E · Σ_e f_e · P_e per layer "
+                        "(reported as aux_loss, not part of loss)")
+    g.add_argument("--ep", type=positive_int, default=1, metavar="P",
+                   help="expert-parallel size: the experts are split between P ranks of the "
+                        "data-parallel group (P divides dp and E), tokens move by all-to-all")
 
 
 def add_output_flags(g: argparse._ArgumentGroup) -> None:

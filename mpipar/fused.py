@@ -230,7 +230,8 @@ class Gelu(Function):
         d = xp.empty_like(gc)
         x2, t2, g2, d2 = (a.reshape(-1, x.shape[-1]) for a in (x, t, gc, d))
         blocks = _row_blocks(x2)
-        scratch = xp.empty_like(x2[blocks[0]])  # the first block is the largest
+        # The first block is the largest; an input of no rows (an idle expert) has none.
+        scratch = xp.empty_like(x2[blocks[0]]) if blocks else None
         for rows in blocks:
             xb, tb, gb, db = x2[rows], t2[rows], g2[rows], d2[rows]
             sb = scratch[: xb.shape[0]]

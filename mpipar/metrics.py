@@ -54,7 +54,14 @@ def format_progress(m: dict[str, Any], total_steps: int, elapsed: float) -> str:
     eta = elapsed / max(done, 1) * (total_steps - done)
     return (f"step {m['step']:5d}/{total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
             f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_s']:8.0f} tok/s | "
-            f"ETA {eta:5.0f}s")
+            f"ETA {eta:5.0f}s" + moe_progress(m))
+
+
+def moe_progress(m: dict[str, Any]) -> str:
+    """A mixture of experts' part of the progress line: aux loss and dropped assignments."""
+    if "aux_loss" not in m:
+        return ""
+    return f" | aux {m['aux_loss']:.4f} | dropped {m['dropped_tokens']}"
 
 
 def eval_record(step: int, val_loss: float) -> dict[str, Any]:

@@ -4,6 +4,7 @@
     Block:  x = x + dropout(attn(ln_1(x)));   x = x + dropout(mlp(ln_2(x)))
 
 The lm_head is tied to the token embedding (the same matrix wte is used to embed and to score).
+With ``n_expert`` > 0 each block's mlp is a mixture of experts (:class:`mpipar.moe.MoE`).
 
 Generation passes a :class:`mpipar.kv_cache.KVCache` (``cache=``): the embedding then starts
 each row at its cached length, and each attention layer attends over, and appends to, its
@@ -38,6 +39,7 @@ from mpipar import ops
 from mpipar.autograd import Tensor, checkpoint
 from mpipar.backend import get_xp
 from mpipar.kv_cache import KVCache
+from mpipar.moe import MoE
 from mpipar.nn import (
     Dropout,
     DropoutKey,
@@ -62,6 +64,11 @@ class GPTConfig:
     seq_len: int = 32
     dropout: float = 0.0
     dtype: str = "float32"
+    # Mixture of experts (`mpipar.moe`): 0 experts is the dense MLP.
+    n_expert: int = 0
+    moe_top_k: int = 2
+    capacity_factor: float = 1.25
+    aux_loss_coef: float = 0.01
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "n_layer", "n_head", "d_model", "seq_len"):
@@ -73,17 +80,31 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.n_expert < 0 or (self.n_expert and not 1 <= self.moe_top_k <= self.n_expert):
+            raise ValueError(f"a mixture of {self.n_expert} experts cannot route each token to "
+                             f"its top {self.moe_top_k}: need 1 <= top-k <= experts")
+        if not self.capacity_factor > 0 or self.aux_loss_coef < 0:
+            raise ValueError(f"capacity_factor must be > 0 and aux_loss_coef >= 0, got "
+                             f"{self.capacity_factor} and {self.aux_loss_coef}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields; a dense model (no experts) leaves out the mixture-of-experts ones, so
+        its configuration (and a checkpoint's ``meta.json``) reads as before they existed."""
+        out = asdict(self)
+        if not self.n_expert:
+            for key in MOE_FIELDS:
+                del out[key]
+        return out
 
     def with_(self, **changes: Any) -> GPTConfig:
         return replace(self, **changes)
 
+
+MOE_FIELDS = ("n_expert", "moe_top_k", "capacity_factor", "aux_loss_coef")
 
 # What a block keeps for backward (docs/design.md §2 --recompute).
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -149,8 +170,10 @@ class SerialLayers:
 
     tp_size = 1
 
-    def __init__(self, dtype: Any = np.float32) -> None:
+    def __init__(self, dtype: Any = np.float32, expert_dispatch: Any = None) -> None:
         self.dtype = dtype
+        # Where a mixture of experts keeps its experts (`mpipar.moe`): None, all of them here.
+        self.expert_dispatch = expert_dispatch
 
     def sequence_layout(self, length: int) -> SequenceLayout:
         """A forward pass over sequences of ``length`` tokens holds all of them."""
@@ -266,7 +289,9 @@ class Block(Module):
         self.ln_1 = LayerNorm(cfg.d_model, dtype=layers.dtype)
         self.attn = CausalSelfAttention(cfg, layers, site=3 * index + 1, layer=index)
         self.ln_2 = LayerNorm(cfg.d_model, dtype=layers.dtype)
-        self.mlp = MLP(cfg, layers)
+        self.mlp = (MLP(cfg, layers) if not cfg.n_expert else
+                    MoE(cfg, layers.dtype, residual_std(cfg.n_layer),
+                        getattr(layers, "expert_dispatch", None)))
         self.drop_attn = Dropout(cfg.dropout, site=3 * index + 2)
         self.drop_mlp = Dropout(cfg.dropout, site=3 * index + 3)
         self.recompute = "none"  # one of RECOMPUTE_MODES (GPT.set_recompute)
@@ -318,6 +343,18 @@ class GPT(Module):
         self.name_parameters()
         if pre and post:
             self.wte.weight.tied = True
+
+    def moe_layers(self) -> list[MoE]:
+        """The mixture-of-experts MLPs of this chunk's blocks (none in a dense model), found
+        among the sub-modules wherever a wrapper (ZeRO-3's sharded blocks) put them."""
+        found, todo = [], [self.blocks]
+        while todo:
+            module = todo.pop()
+            if isinstance(module, MoE):
+                found.append(module)
+            else:
+                todo.extend(child for _, child in module.children())
+        return found
 
     def set_recompute(self, mode: str) -> None:
         """What each block keeps for backward: ``"none"`` (every array its operations save),

@@ -45,13 +45,16 @@ class Parameter(Tensor):
     sequence parallelism splits the sequence (the position table): its gradient is complete
     on every tensor-parallel rank, unlike that of the LayerNorms inside the blocks, which see
     one piece of the sequence each. The model sets these flags where it builds the layers;
-    the parallel code asks the flag, never the name.
+    the parallel code asks the flag, never the name. ``data_replica`` is which data-parallel
+    copy of the parameter this rank holds when that is not its dp rank: an expert's weights
+    under expert parallelism are copied over the edp group only, and this is the rank's place
+    in it (`mpipar.parallel.expert_parallel`); None for every other parameter.
     """
 
     is_parameter = True  # its gradient is a W of a split backward (`defer_weight_grads`)
 
     __slots__ = ("init", "full_shape", "shard_index", "local_index", "replicated_in_tp", "tied",
-                 "tied_embedding", "before_sequence_split")
+                 "tied_embedding", "before_sequence_split", "data_replica")
 
     def __init__(self, shape: tuple[int, ...], init: Init, dtype: Any = np.float32,
                  full_shape: tuple[int, ...] | None = None, shard_index: Any = None) -> None:
@@ -64,6 +67,7 @@ class Parameter(Tensor):
         self.tied = False
         self.tied_embedding = False
         self.before_sequence_split = False
+        self.data_replica: int | None = None
 
 
 def master_copy(p: Parameter, dtype: Any) -> Parameter:
@@ -73,7 +77,7 @@ def master_copy(p: Parameter, dtype: Any) -> Parameter:
     m = Parameter(p.shape, p.init, dtype, full_shape=p.full_shape, shard_index=p.shard_index)
     m.name = p.name
     for flag in ("local_index", "replicated_in_tp", "tied", "tied_embedding",
-                 "before_sequence_split"):
+                 "before_sequence_split", "data_replica"):
         setattr(m, flag, getattr(p, flag))
     return m
 

@@ -78,6 +78,7 @@ class TrainConfig:
     eval_tokens: int = 1_024
     log_every: int = 10
     microbatches: int = 1
+    ep: int = 1  # expert-parallel size: ranks of the dp group that share out the experts
     schedule: str = "1f1b"
     virtual_stages: int = 1
     zero: int = 0
@@ -119,7 +120,15 @@ class Trainer:
 
     # -- construction (each parallelism plugs in here) --------------------------------------
     def _make_layers(self) -> SerialLayers:
-        """The layers, in the compute dtype (that of the masters unless 16-bit)."""
+        """The layers, in the compute dtype (that of the masters unless 16-bit); under
+        expert parallelism with the experts' placement and token exchange."""
+        self.edp_comm = None
+        if self.grid.tp == 1 and self.tc.ep > 1 and self.cfg.n_expert:
+            from mpipar.parallel.expert_parallel import ExpertParallelDispatch, expert_groups
+
+            ep_comm, self.edp_comm = expert_groups(self.grid.dp_comm, self.tc.ep)
+            return SerialLayers(self.precision.compute,
+                                ExpertParallelDispatch(ep_comm, self.edp_comm))
         if self.grid.tp == 1:
             return SerialLayers(self.precision.compute)
         from mpipar.parallel.tensor_parallel import TensorParallelLayers
@@ -150,6 +159,13 @@ class Trainer:
             replicated_sum = self.layers.sync_replicated_grads if self.grid.tp > 1 else None
             return ShardedParameters(self.chunks, self.grid.dp_comm, prefetch=self.tc.overlap,
                                      replicated_sum=replicated_sum)
+        if self.edp_comm is not None:  # expert parallelism: experts averaged over edp
+            from mpipar.parallel.expert_parallel import ExpertDataParallel
+
+            return ExpertDataParallel(self.params, self.grid.dp_comm, self.edp_comm,
+                                      self.tc.ep, strategy=self.tc.dp_strategy,
+                                      bucket_mb=self.tc.bucket_mb, overlap=self.tc.overlap,
+                                      allreduce=self.tc.allreduce)
         from mpipar.parallel.zero import make_grad_sync
 
         return make_grad_sync(self.params, self.grid.dp_comm, strategy=self.tc.dp_strategy,
@@ -258,6 +274,9 @@ class Trainer:
         """
         xs, ys = self.microbatches(x, y)
         keys = self.dropout_keys(step)
+        for layer in self.moe_layers:  # the aux loss enters backward with the LM loss's seed
+            layer.reset_stats()
+            layer.grad_seed = self.loss_scale / len(xs)
         if self.pipeline is not None:
             return self.pipeline.train_step(xs, ys, keys, self.grad_sync,
                                             loss_scale=self.loss_scale)
@@ -312,6 +331,9 @@ class Trainer:
         ``grad_replicas`` times (dp when replicas all hold it, 1 when ZeRO sharded it).
         """
         local = self.optimizer.grad_norm_sq(lambda p: owns(p, self.grid))
+        if self.edp_comm is not None:  # an expert element has dp / ep replicas, not dp
+            local += (self.tc.ep - 1) * self.optimizer.grad_norm_sq(
+                lambda p: owns(p, self.grid) and p.data_replica is not None)
         if self.grid.world.size == 1:
             return local
         buf = np.array([local], dtype=np.float64)
@@ -335,7 +357,33 @@ class Trainer:
                   "step_time_s": dt, "tokens_per_s": tokens / dt}
         if self.scaler is not None:  # fp16: the scale this step's loss was multiplied by
             record.update(loss_scale=scale, skipped=skipped)
+        if self.cfg.n_expert:
+            record.update(self.moe_stats())
         return record
+
+    @property
+    def moe_layers(self) -> list:
+        """This rank's mixture-of-experts layers (`mpipar.moe.MoE`), over all its chunks."""
+        return [layer for chunk in self.chunks for layer in chunk.moe_layers()]
+
+    def moe_stats(self) -> dict[str, Any]:
+        """The step's ``aux_loss`` (Σ over layers of coef · mean over the global batch's
+        sequences of aux_s; not part of ``loss``) and ``dropped_tokens`` (token-to-expert
+        assignments that found their expert full, over all layers and the global batch).
+
+        Each rank contributes its layers' sums over its microbatches: the aux loss as the mean
+        over its rows divided by dp, the drops as counted (one 16-byte all-reduce).
+        """
+        m = self.tc.microbatches
+        aux = sum(layer.aux_sum for layer in self.moe_layers) / m
+        dropped = sum(layer.dropped_sum for layer in self.moe_layers)
+        if self.grid.world.size == 1:
+            return {"aux_loss": aux, "dropped_tokens": dropped}
+        buf = np.array([aux / self.grid.dp if self.grid.tp_rank == 0 else 0.0,
+                        dropped if self.grid.tp_rank == 0 else 0], dtype=np.float64)
+        with self.tracer.context(phase="other"):
+            self.grid.world.allreduce(buf)
+        return {"aux_loss": float(buf[0]), "dropped_tokens": int(round(buf[1]))}
 
     def update(self, norm: float, lr: float, skipped: bool) -> None:
         """Clip and take the optimizer step, or skip it (an fp16 overflow on some rank)."""

@@ -80,5 +80,7 @@ def test_L10_vocab_parallel_embedding_of_an_odd_vocabulary(two):
     passed(two, "vocab_offset")
 
 
+def test_L12_expert_gradients_are_the_average_over_dp(two):
+    passed(two, "expert_gradients")
 def test_L13_zero_bubble_gradients_equal_1f1b_at_pp3():
     passed(launch(3, "labs.py", "zb3"), "zb_weights")

@@ -53,11 +53,14 @@ def writes_full_state(p: Parameter | None, grid: ProcessGrid) -> bool:
     """Whether this rank writes its part of a state array of ``p`` into the full state.
 
     One data-parallel replica writes (dp rank 0; replicas agree, and a ZeRO optimizer's
-    ``state_dict`` has already gathered its shards) the parts it :func:`owns`. State that
+    ``state_dict`` has already gathered its shards) the parts it :func:`owns`; an expert's
+    weights under expert parallelism, which dp ranks hold in turn, are written by the first
+    of their own replicas (``p.data_replica`` 0). State that
     belongs to no parameter (``p is None``: AdamW's step count) is the same on every rank
     and written by the one rank at tp rank 0 of the first stage.
     """
-    if grid.dp_rank != 0:
+    replica = grid.dp_rank if p is None or p.data_replica is None else p.data_replica
+    if replica != 0:  # an expert's weights: the first edp replica of each expert writes
         return False
     if p is None:
         return grid.tp_rank == 0 and grid.is_first_stage

@@ -39,7 +39,7 @@ TEXT = (
 
 # Options that only change how the work is split, or what backward recomputes; the reference
 # run uses the defaults.
-PARALLEL_ONLY = ("microbatches", "schedule", "virtual_stages", "zero", "bucket_mb", "overlap",
+PARALLEL_ONLY = ("microbatches", "ep", "schedule", "virtual_stages", "zero", "bucket_mb", "overlap",
                  "allreduce", "dp_strategy", "sequence_parallel", "recompute")
 
 

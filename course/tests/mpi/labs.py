@@ -8,7 +8,8 @@ tp divides, one microbatch, no dropout, MPI's all-reduce instead of the ring).
   layer (L04); f before a column-parallel layer (L05); the tied embedding's gradient after
   the trainer's gradient steps at pp 2 (L06); each microbatch's loss scaled by 1/M in the
   pipeline executor (L07); each element counted once in the gradient norm at tp 2 (L09);
-  the vocabulary offsets of an embedding tp does not divide (L10);
+  the vocabulary offsets of an embedding tp does not divide (L10); the experts' gradients under
+  expert parallelism, ep 2 (L12);
 * ``ring3`` (3 ranks): the ring all-reduce's sums (L02);
 * ``zb3`` (3 ranks): the zero-bubble schedule's gradients equal 1F1B's at pp 3 (L13);
 * ``eager`` (2 ranks): a ring all-reduce of 8 MB, far above any eager limit, finishes (L03).
@@ -160,6 +161,28 @@ def vocab_offset(world: Comm, checks: Checks) -> None:
         assert_close(emb(idx).data, serial(idx).data, "embedding rows, vocabulary 13 over tp 2")
 
 
+def expert_gradients(world: Comm, checks: Checks) -> None:
+    """The experts' gradients at dp 2 × ep 2 after the trainer's gradient steps (dense
+    weights are left out: they are L01's)."""
+    def moe_trainer(grid: ProcessGrid, ep: int) -> Trainer:
+        tok = CharTokenizer.from_text(TEXT)
+        cfg = config(vocab_size=tok.vocab_size, n_layer=1, n_expert=4, capacity_factor=1.0)
+        tc = TrainConfig(steps=1, batch_size=BATCH, eval_every=0, ep=ep)
+        return Trainer(cfg, tc, grid, make_dataset(TEXT, tok, seq_len=cfg.seq_len),
+                       Tracer(grid.world.rank))
+
+    serial = moe_trainer(ProcessGrid.single(), 1)
+    x, y = tokens(serial.cfg, BATCH)
+    serial.zero_grad()
+    serial.forward_backward(0, x, y)
+    want = {p.name: p.grad for p in serial.params}
+    trainer = moe_trainer(ProcessGrid.build(world, world.size, 1, 1), world.size)
+    trainer.zero_grad()
+    trainer.forward_backward(0, x, y)
+    trainer.finish_gradients()
+    with checks.check("expert_gradients"):
+        for p in (p for p in trainer.params if p.data_replica is not None):
+            assert_close(p.grad, want[p.name], f"{p.name} at dp {world.size} × ep {world.size}")
 def _executor_gradients(world: Comm, schedule: str) -> dict[str, np.ndarray]:
     """This rank's gradients after one pipelined step of 4 microbatches at pp = world size."""
     cfg = config(n_layer=world.size)
@@ -195,6 +218,7 @@ def two(world: Comm, checks: Checks, options: dict) -> None:
     microbatch_scaling(world, checks)
     grad_norm_counts_once(world, checks)
     vocab_offset(world, checks)
+    expert_gradients(world, checks)
 
 
 def ring3(world: Comm, checks: Checks, options: dict) -> None:
