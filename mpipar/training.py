@@ -168,7 +168,7 @@ class Trainer:
     def _make_optimizer(self):
         """SGD or AdamW; sharded (ZeRO); over fp32 masters of 16-bit parameters."""
         tc = self.tc
-        if tc.zero == 3 and self.grid.grad_size > 1:  # full precision only (train.py refuses 16 bits)
+        if tc.zero == 3 and self.grid.grad_size > 1:  # full precision only (train.py: no 16 bits)
             from mpipar.parallel.zero3 import Zero3AdamW
 
             return Zero3AdamW(self.params, self.grad_sync, lr=tc.lr,
