@@ -20,7 +20,8 @@ LABS = load_labs(MANIFEST.root)
 
 
 def test_there_are_ten_labs_each_with_a_ladder_of_hints():
-    assert [lab.id for lab in LABS] == [f"L{i:02d}" for i in range(1, 11)]
+    assert [lab.id for lab in LABS] == [f"L{i:02d}" for i in range(1, len(LABS) + 1)]
+    assert len(LABS) >= 11
     for lab in LABS:
         assert len(lab.hints) >= 2 and lab.symptom and lab.story, lab.id
         assert lab.detector.startswith("course/tests/test_labs.py::test_" + lab.id + "_")

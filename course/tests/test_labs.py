@@ -78,3 +78,7 @@ def test_L09_gradient_norm_counts_every_element_once(two):
 
 def test_L10_vocab_parallel_embedding_of_an_odd_vocabulary(two):
     passed(two, "vocab_offset")
+
+
+def test_L11_ring_attention_gradient_matches_the_whole_sequence(two):
+    passed(two, "ring_attention_gradient")
