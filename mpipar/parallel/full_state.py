@@ -57,7 +57,7 @@ def writes_full_state(p: Parameter | None, grid: ProcessGrid) -> bool:
     belongs to no parameter (``p is None``: AdamW's step count) is the same on every rank
     and written by the one rank at tp rank 0 of the first stage.
     """
-    if grid.dp_rank != 0 or grid.cp_rank != 0:  # cp ranks hold replicas too
+    if grid.dp_rank != 0 or getattr(grid, "cp_rank", 0) != 0:  # cp ranks: replicas too
         return False
     if p is None:
         return grid.tp_rank == 0 and grid.is_first_stage
