@@ -102,7 +102,7 @@ class Run:
 def start(args: argparse.Namespace, setup: Setup, world: Comm, watchdog: Watchdog) -> Run:
     """Build this rank's part of the model, load the checkpoint, and say what will run."""
     s = setup
-    trainer = Trainer(s.cfg, s.tc, ProcessGrid.build(world, s.dp, s.tp, s.pp), s.data,
+    trainer = Trainer(s.cfg, s.tc, ProcessGrid.build(world, s.dp, s.tp, s.pp, s.cp), s.data,
                       world.tracer)
     run = Run(args, s, world, watchdog, trainer, MetricsWriter(args.metrics, world.rank == 0),
               memory_report(trainer.optimizer, trainer.grad_sync, trainer.params))
@@ -118,7 +118,8 @@ def start(args: argparse.Namespace, setup: Setup, world: Comm, watchdog: Watchdo
                 run.say(f"note: {note}")
     n_params = sum(int(np.prod(spec.shape)) for spec in model_specs(s.cfg).values())
     cfg, tc = s.cfg, s.tc
-    run.say(f"mpipar | world {world.size} = dp {s.dp} × tp {s.tp} × pp {s.pp} | {s.source}")
+    cp = f" × cp {s.cp}" if s.cp > 1 else ""
+    run.say(f"mpipar | world {world.size} = dp {s.dp} × tp {s.tp} × pp {s.pp}{cp} | {s.source}")
     run.say(f"model: {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.d_model}, "
             f"seq_len {cfg.seq_len}, vocab {cfg.vocab_size}, {n_params:,} parameters, "
             f"{cfg.dtype}")
@@ -253,7 +254,8 @@ def summary_record(run: Run, all_totals: list[dict], peaks: list[int]) -> dict[s
         "tokens_per_s": tokens_per_step / median if median else 0.0,
         "flops_per_token": flops_per_token(s.cfg),
         "final_loss": run.last["loss"] if run.last else None,
-        "layout": {"world": run.world.size, "dp": s.dp, "tp": s.tp, "pp": s.pp},
+        "layout": {"world": run.world.size, "dp": s.dp, "tp": s.tp, "pp": s.pp,
+                   **({"cp": s.cp} if s.cp > 1 else {})},
         "comm": merge_totals(all_totals), "peak_memory_bytes": peaks,
         "memory_rank0": run.memory,
     }

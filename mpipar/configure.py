@@ -72,6 +72,7 @@ class Setup:
     text_sha256: str  # of the training text, recorded in checkpoints
     resumed: Resumed | None
     contents: dict[str, str]  # each input file (by a label naming it) → SHA-256 as read
+    cp: int = 1  # context parallelism: ranks sharing each sequence
 
 
 def configure(args: argparse.Namespace, world_size: int) -> Setup:
@@ -84,7 +85,7 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
     preset = PRESETS[args.preset]
     batch_size = args.batch_size or preset["batch_size"]
     shape = {k: getattr(args, k) or v for k, v in preset.items() if k != "batch_size"}
-    problems = check_values(args) + check_output_paths(args)
+    problems = check_values(args) + check_output_paths(args) + check_context_parallel(args)
     dp, tp, pp = check_layout(args, world_size, batch_size, shape, problems)
     try:
         resolve_precision(args.precision, args.dtype)
@@ -117,7 +118,25 @@ def configure(args: argparse.Namespace, world_size: int) -> Setup:
     if ckpt is not None:
         resumed = check_checkpoint(args, ckpt, cfg, tc, digest, source)
         contents[f"--resume {args.resume}"] = ckpt.digest
-    return Setup(cfg, tc, dp, tp, pp, data, source, digest, resumed, contents)
+    return Setup(cfg, tc, dp, tp, pp, data, source, digest, resumed, contents, args.cp)
+
+
+def check_context_parallel(args: argparse.Namespace) -> list[str]:
+    """What ``--cp`` > 1 does not combine with: its ring attention has no dropout, computes
+    in --dtype (fp32 precision only), and the model it trains generates no samples (a KV
+    cache of a split sequence); distillation's teacher sees whole sequences."""
+    if args.cp == 1:
+        return []
+    refused = [(args.dropout > 0, f"--dropout {args.dropout}"),
+               (args.precision != "fp32", f"--precision {args.precision}"),
+               (args.sample > 0, f"--sample {args.sample}"),
+               (bool(args.teacher), "--teacher")]
+    problems = [f"--cp {args.cp} does not combine with {flag} (ring attention has no dropout, "
+                f"16-bit arithmetic, KV cache or teacher)" for bad, flag in refused if bad]
+    if args.experts > 0:
+        problems.append(f"--cp {args.cp} does not combine with --experts {args.experts} (an "
+                        f"expert's capacity is counted per whole sequence, split over cp ranks)")
+    return problems
 
 
 def zero_bubble_problems(args: argparse.Namespace, pp: int) -> list[str]:
@@ -212,19 +231,19 @@ def check_layout(args: argparse.Namespace, world_size: int, batch_size: int,
                  shape: dict[str, int], problems: list[str]) -> tuple[int, int, int]:
     """``(dp, tp, pp)``, appending every broken layout rule to ``problems``."""
     try:
-        dp, tp, pp = resolve_sizes(world_size, args.dp, args.tp, args.pp)
+        dp, tp, pp = resolve_sizes(world_size, args.dp, args.tp, args.pp, args.cp)
         world_for_rules = world_size
     except ConfigError as exc:
         problems.append(str(exc))
         # Check the other rules as if the sizes were right (no second world-size line).
         dp, tp, pp = args.dp or 1, args.tp or 1, args.pp or 1
-        world_for_rules = dp * tp * pp
+        world_for_rules = dp * tp * pp * args.cp
     problems += layout_problems(
         world_for_rules, dp, tp, pp, batch_size=batch_size, microbatches=args.microbatches,
         n_layer=shape["n_layer"], n_head=shape["n_head"], d_model=shape["d_model"],
         virtual_stages=args.virtual_stages, schedule=args.schedule, zero=args.zero,
         sequence_parallel=args.sequence_parallel, seq_len=shape["seq_len"],
-        allreduce=args.allreduce)
+        allreduce=args.allreduce, cp=args.cp)
     return dp, tp, pp
 
 

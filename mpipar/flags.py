@@ -108,6 +108,9 @@ def add_layout_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--pp", type=positive_int,
                    help="pipeline-parallel size: stages that each hold consecutive layers "
                         "(default: 1)")
+    g.add_argument("--cp", type=positive_int, default=1,
+                   help="context-parallel size: ranks that split every sequence (two of 2·cp "
+                        "chunks each) and compute attention as a ring (default: 1)")
 
 
 def add_model_flags(g: argparse._ArgumentGroup) -> None:

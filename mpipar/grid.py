@@ -1,4 +1,4 @@
-"""The process grid: how ``world = dp × tp × pp`` ranks are arranged and grouped.
+"""The process grid: how ``world = dp × tp × pp (× cp)`` ranks are arranged and grouped.
 
 A run with data-parallel size D, tensor-parallel size T and pipeline size P places global
 rank r at coordinates (pp, dp, tp) with tp varying fastest, then dp, then pp::
@@ -15,6 +15,10 @@ layer and talk the most; on a real cluster neighbours share a node). For D=2, T=
 Each rank belongs to exactly one group of each kind: the ranks that differ from it only in
 that coordinate. :class:`ProcessGrid` makes those groups with ``Comm.split`` and hands them
 out explicitly; nothing is kept in module-level state.
+
+Context parallelism (``--cp C``) adds a fourth coordinate between tp and dp (tp fastest,
+then cp, dp, pp; :func:`grid_coords`), a cp group per (pp, dp, tp) and the gradient group of
+the ranks sharing (pp, tp); with C = 1 everything above is unchanged.
 
 The checks on a layout (:func:`resolve_sizes`, :func:`validate_layout`) are pure functions,
 so they run, and are tested, without MPI. They raise :class:`ConfigError` whose message names
@@ -43,28 +47,30 @@ class ConfigError(ValueError):
 
 
 def resolve_sizes(
-    world_size: int, dp: int | None = None, tp: int | None = None, pp: int | None = None
+    world_size: int, dp: int | None = None, tp: int | None = None, pp: int | None = None,
+    cp: int = 1,
 ) -> tuple[int, int, int]:
-    """Fill in omitted sizes: tp and pp default to 1, dp to ``world / (tp × pp)``.
+    """Fill in omitted sizes: tp and pp default to 1, dp to ``world / (tp × pp × cp)``.
 
     Returns ``(dp, tp, pp)``; raises :class:`ConfigError` when they cannot multiply to the
-    world size.
+    world size. ``cp`` (context parallelism, ``--cp``) is given, never inferred.
     """
     tp = 1 if tp is None else tp
     pp = 1 if pp is None else pp
-    for flag, value in (("--tp", tp), ("--pp", pp), ("--dp", dp)):
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--dp", dp), ("--cp", cp)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
+    others, named = tp * pp * cp, f"--tp {tp} × --pp {pp}" + (f" × --cp {cp}" if cp > 1 else "")
     if dp is None:
-        if world_size % (tp * pp) != 0:
+        if world_size % others != 0:
             raise ConfigError(
-                f"world size {world_size} is not divisible by --tp {tp} × --pp {pp} = "
-                f"{tp * pp}, so --dp cannot be inferred"
+                f"world size {world_size} is not divisible by {named} = "
+                f"{others}, so --dp cannot be inferred"
             )
-        dp = world_size // (tp * pp)
-    if dp * tp * pp != world_size:
+        dp = world_size // others
+    if dp * others != world_size:
         raise ConfigError(
-            f"world size {world_size} != --dp {dp} × --tp {tp} × --pp {pp} = {dp * tp * pp}"
+            f"world size {world_size} != --dp {dp} × {named} = {dp * others}"
         )
     return dp, tp, pp
 
@@ -86,6 +92,7 @@ def validate_layout(
     sequence_parallel: bool = False,
     seq_len: int | None = None,
     allreduce: str = "mpi",
+    cp: int = 1,
 ) -> None:
     """Check that a model and batch can be split over a dp × tp × pp grid.
 
@@ -106,6 +113,9 @@ def validate_layout(
     * ``zero`` is 0 (off), 1 (shard optimizer state), 2 (also shard gradients) or 3 (also
       shard parameters). Stage 3 gathers and reduce-scatters with MPI's collectives, so it
       does not take ``allreduce="ring"``, the ring that ZeRO-1/2's two halves can be.
+    * context parallelism (``cp > 1``) makes the world ``dp × tp × pp × cp`` and cuts each
+      sequence into 2·cp chunks (two per rank, for balanced causal work): ``seq_len % (2·cp)
+      == 0``; it does not combine with sequence parallelism (both would split the sequence).
 
     Every violated rule is reported, in one :class:`ConfigError` (:func:`layout_problems`
     lists them without raising).
@@ -114,7 +124,7 @@ def validate_layout(
         world_size, dp, tp, pp, batch_size=batch_size, microbatches=microbatches,
         n_layer=n_layer, n_head=n_head, d_model=d_model, virtual_stages=virtual_stages,
         schedule=schedule, zero=zero, sequence_parallel=sequence_parallel, seq_len=seq_len,
-        allreduce=allreduce)
+        allreduce=allreduce, cp=cp)
     if problems:
         raise problems_error(problems)
 
@@ -123,16 +133,22 @@ def layout_problems(world_size: int, dp: int, tp: int, pp: int, *, batch_size: i
                     microbatches: int, n_layer: int, n_head: int, d_model: int,
                     virtual_stages: int = 1, schedule: str = "1f1b", zero: int = 0,
                     sequence_parallel: bool = False, seq_len: int | None = None,
-                    allreduce: str = "mpi") -> list[str]:
+                    allreduce: str = "mpi", cp: int = 1) -> list[str]:
     """The rules of :func:`validate_layout` that a layout breaks, one line each."""
     sizes = {
-        "--dp": dp, "--tp": tp, "--pp": pp, "--batch-size": batch_size,
+        "--dp": dp, "--tp": tp, "--pp": pp, "--cp": cp, "--batch-size": batch_size,
         "--microbatches": microbatches, "--virtual-stages": virtual_stages,
         "--n-layer": n_layer, "--n-head": n_head, "--d-model": d_model,
     }
     problems = [f"{flag} must be at least 1, got {v}" for flag, v in sizes.items() if v < 1]
     if problems:  # the arithmetic below would divide by them
         return problems
+    if cp > 1:
+        return (_cp_problems(world_size, dp, tp, pp, cp, sequence_parallel, seq_len)
+                + _grid_problems(dp * tp * pp, dp, tp, pp, batch_size, microbatches)
+                + _shape_problems(tp, pp, virtual_stages, n_layer, n_head, d_model)
+                + _schedule_problems(schedule, pp, microbatches, virtual_stages)
+                + _option_problems(tp, False, seq_len, zero, allreduce))
     return (_grid_problems(world_size, dp, tp, pp, batch_size, microbatches)
             + _shape_problems(tp, pp, virtual_stages, n_layer, n_head, d_model)
             + _schedule_problems(schedule, pp, microbatches, virtual_stages)
@@ -151,6 +167,25 @@ def _grid_problems(world_size: int, dp: int, tp: int, pp: int, batch_size: int,
             f"--batch-size {batch_size} is not divisible by --dp {dp} × --microbatches "
             f"{microbatches} = {dp * microbatches} (every microbatch must have the same size)"
         )
+    return problems
+
+
+def _cp_problems(world_size: int, dp: int, tp: int, pp: int, cp: int,
+                 sequence_parallel: bool, seq_len: int | None) -> list[str]:
+    """Context parallelism's rules: the world holds cp copies of the dp × tp × pp grid, and
+    each sequence is cut into 2·cp equal chunks."""
+    problems = []
+    if world_size != dp * tp * pp * cp:
+        problems.append(f"world size {world_size} != --dp {dp} × --tp {tp} × --pp {pp} × "
+                        f"--cp {cp} = {dp * tp * pp * cp}")
+    if seq_len is None:
+        problems.append("--cp needs the sequence length (--seq-len)")
+    elif seq_len % (2 * cp) != 0:
+        problems.append(f"--cp {cp} needs --seq-len {seq_len} divisible by 2 × --cp = "
+                        f"{2 * cp} (each rank holds two of 2·cp equal chunks)")
+    if sequence_parallel:
+        problems.append(f"--cp {cp} does not combine with --sequence-parallel (both split "
+                        f"the sequence; use one of them)")
     return problems
 
 
@@ -234,7 +269,20 @@ def coords_rank(pp_rank: int, dp_rank: int, tp_rank: int, dp: int, tp: int) -> i
     return (pp_rank * dp + dp_rank) * tp + tp_rank
 
 
-def split_colors(rank: int, dp: int, tp: int, pp: int) -> dict[str, tuple[int | None, int]]:
+def grid_coords(rank: int, dp: int, tp: int, pp: int, cp: int = 1) -> tuple[int, int, int, int]:
+    """Global rank → ``(pp_rank, dp_rank, cp_rank, tp_rank)``: tp fastest, then cp, dp, pp::
+
+        tp = r % T     cp = (r // T) % C     dp = (r // (T·C)) % D     pp = r // (T·C·D)
+
+    It is :func:`rank_coords` of a grid whose data coordinate is the pair (dp, cp) flattened
+    to dp·C + cp, so with C = 1 it is :func:`rank_coords` with cp_rank 0.
+    """
+    pp_rank, dpcp, tp_rank = rank_coords(rank, dp * cp, tp, pp)
+    return pp_rank, dpcp // cp, dpcp % cp, tp_rank
+
+
+def split_colors(rank: int, dp: int, tp: int, pp: int,
+                 cp: int = 1) -> dict[str, tuple[int | None, int]]:
     """The ``(color, key)`` global ``rank`` hands to ``Comm.split`` for each kind of group.
 
     A group is the ranks that share every coordinate but one, so its color is the pair of
@@ -247,7 +295,21 @@ def split_colors(rank: int, dp: int, tp: int, pp: int) -> dict[str, tuple[int | 
         embed: color = dp·T + tp on the first and last stage, None (opt out) between
 
     (``embed`` only matters with pp > 1, where :meth:`ProcessGrid.build` makes it.)
+
+    With context parallelism (``cp`` = C > 1) tp, pp and embed are the groups above of the
+    grid whose data coordinate is dp·C + cp (:func:`grid_coords`), whose data group becomes
+    ``dpcp`` (the ranks sharing pp and tp: the gradient group), and two more are added::
+
+        dp:    color = (pp·C + cp)·T + tp    key = dp
+        cp:    color = (pp·D + dp)·T + tp    key = cp
     """
+    if cp > 1:
+        colors = split_colors(rank, dp * cp, tp, pp)
+        pp_r, dp_r, cp_r, tp_r = grid_coords(rank, dp, tp, pp, cp)
+        colors["dpcp"] = colors["dp"]
+        colors["dp"] = ((pp_r * cp + cp_r) * tp + tp_r, dp_r)
+        colors["cp"] = ((pp_r * dp + dp_r) * tp + tp_r, cp_r)
+        return colors
     pp_rank, dp_rank, tp_rank = rank_coords(rank, dp, tp, pp)
     pipe = dp_rank * tp + tp_rank
     return {
@@ -273,6 +335,11 @@ class ProcessGrid:
     two gradient contributions are summed over it. It is ``None`` when ``pp == 1`` (one copy,
     nothing to sum) and on middle stages. ``next_rank``/``prev_rank`` are the global ranks of
     the neighbouring stages (``None`` at the ends); ``pp_comm`` ranks equal stage numbers.
+
+    Context parallelism (``cp`` > 1) adds ``cp_comm``, the ranks with the same (pp, dp, tp)
+    ordered by cp rank (they hold the chunks of the same sequences and pass keys and values
+    around a ring), and ``dpcp_comm``, the ranks with the same (pp, tp): they hold the same
+    weights and reduce gradients (:attr:`grad_comm`). With cp = 1 both are ``None``.
     """
 
     world: Comm
@@ -286,6 +353,20 @@ class ProcessGrid:
     dp_rank: int
     tp_rank: int
     pp_rank: int
+    cp: int = 1
+    cp_rank: int = 0
+    cp_comm: Comm | None = None
+    dpcp_comm: Comm | None = None
+
+    @property
+    def grad_comm(self) -> Comm:
+        """The group that reduces gradients: dp × cp ranks (the dp group when cp = 1)."""
+        return self.dpcp_comm if self.dpcp_comm is not None else self.dp_comm
+
+    @property
+    def grad_size(self) -> int:
+        """Ranks holding the same weights, over which gradients are averaged: dp · cp."""
+        return self.dp * self.cp
 
     @property
     def is_first_stage(self) -> bool:
@@ -300,22 +381,26 @@ class ProcessGrid:
         """Global rank of the next pipeline stage (same dp, tp), or None on the last stage."""
         if self.is_last_stage:
             return None
-        return coords_rank(self.pp_rank + 1, self.dp_rank, self.tp_rank, self.dp, self.tp)
+        return coords_rank(self.pp_rank + 1, self.dp_rank * self.cp + self.cp_rank,
+                           self.tp_rank, self.dp * self.cp, self.tp)
 
     @property
     def prev_rank(self) -> int | None:
         """Global rank of the previous pipeline stage, or None on the first stage."""
         if self.is_first_stage:
             return None
-        return coords_rank(self.pp_rank - 1, self.dp_rank, self.tp_rank, self.dp, self.tp)
+        return coords_rank(self.pp_rank - 1, self.dp_rank * self.cp + self.cp_rank,
+                           self.tp_rank, self.dp * self.cp, self.tp)
 
     @classmethod
-    def build(cls, world: Comm, dp: int, tp: int, pp: int) -> ProcessGrid:
+    def build(cls, world: Comm, dp: int, tp: int, pp: int, cp: int = 1) -> ProcessGrid:
         """Split ``world`` into its dp, tp, pp (and embedding) groups. Collective over world.
 
         Each rank passes the ``(color, key)`` of :func:`split_colors`: ranks of equal color
-        form a group, ordered by key.
+        form a group, ordered by key. With ``cp`` > 1, :meth:`build_cp` instead.
         """
+        if cp > 1:
+            return cls.build_cp(world, dp, tp, pp, cp)
         if world.size != dp * tp * pp:
             raise ConfigError(
                 f"world size {world.size} != --dp {dp} × --tp {tp} × --pp {pp} = {dp * tp * pp}"
@@ -333,6 +418,21 @@ class ProcessGrid:
                    dp_rank, tp_rank, pp_rank)
 
     @classmethod
+    def build_cp(cls, world: Comm, dp: int, tp: int, pp: int, cp: int) -> ProcessGrid:
+        """The groups of a dp × tp × pp × cp grid (:func:`grid_coords`), cp and dpcp included.
+        Collective over world."""
+        if world.size != dp * tp * pp * cp:
+            raise ConfigError(f"world size {world.size} != --dp {dp} × --tp {tp} × --pp {pp} "
+                              f"× --cp {cp} = {dp * tp * pp * cp}")
+        pp_rank, dp_rank, cp_rank, tp_rank = grid_coords(world.rank, dp, tp, pp, cp)
+        colors = split_colors(world.rank, dp, tp, pp, cp)
+        comms = {name: world.split(*colors[name], name)
+                 for name in ("tp", "dp", "pp", "cp", "dpcp")}
+        embed_comm = world.split(*colors["embed"], "embed") if pp > 1 else None
+        return cls(world, comms["dp"], comms["tp"], comms["pp"], embed_comm, dp, tp, pp,
+                   dp_rank, tp_rank, pp_rank, cp, cp_rank, comms["cp"], comms["dpcp"])
+
+    @classmethod
     def single(cls, tracer: Tracer | None = None) -> ProcessGrid:
         """A 1 × 1 × 1 grid of this process alone (every group is ``Comm.self_group``).
 
@@ -348,9 +448,10 @@ class ProcessGrid:
 
     def describe(self) -> str:
         """One line, e.g. ``rank 5: pp 1/2, dp 0/2, tp 1/2``."""
+        cp = f", cp {self.cp_rank}/{self.cp}" if self.cp > 1 else ""
         return (
             f"rank {self.world.members[self.world.rank]}: pp {self.pp_rank}/{self.pp}, "
-            f"dp {self.dp_rank}/{self.dp}, tp {self.tp_rank}/{self.tp}"
+            f"dp {self.dp_rank}/{self.dp}{cp}, tp {self.tp_rank}/{self.tp}"
         )
 
 

@@ -169,6 +169,9 @@ class SerialLayers:
     """
 
     tp_size = 1
+    # Context parallelism (mpipar.parallel.context_parallel.ContextParallel), set by the
+    # trainer with --cp > 1: the sequence is split over the cp group, attention is a ring.
+    context: Any = None
 
     def __init__(self, dtype: Any = np.float32, expert_dispatch: Any = None) -> None:
         self.dtype = dtype
@@ -224,6 +227,7 @@ class CausalSelfAttention(Module):
         self.qkv = layers.column_linear(d, 3 * d, 0.02, qkv=True)
         self.proj = layers.row_linear(d, d, residual_std(cfg.n_layer))
         self.attn_drop = Dropout(cfg.dropout, site)
+        self.context = layers.context  # with --cp: this rank's queries against the ring
         self.recompute_core = False  # selective recomputation: P is computed again in backward
 
     def forward(self, x: Tensor, layout: SequenceLayout, key: DropoutKey | None = None,
@@ -231,6 +235,8 @@ class CausalSelfAttention(Module):
         qkv = self.qkv(x, layout)  # (B, T, 3·C_local)
         if cache is not None:  # this rank's heads, over the cached positions and the new ones
             return self.proj(cache.attend(self.layer, qkv, self.n_local_heads), layout)
+        if self.context is not None:  # no dropout under --cp (train.py refuses it)
+            return self.proj(self.context.attention(qkv, self.n_local_heads), layout)
         mask = None
         if self.attn_drop.active(key):
             draw = self.mask_drawer(key, x.shape[0], qkv)
@@ -370,12 +376,18 @@ class GPT(Module):
               cache: KVCache | None = None) -> Tensor:
         """(B, T) token ids → (B, T/parts, d_model) hidden states entering the first block.
 
-        Positions are 0 .. T−1, or with a cache each row's next T positions (B, T).
+        Positions are 0 .. T−1, or with a cache each row's next T positions (B, T), or under
+        context parallelism the global positions of this rank's two chunks.
         """
         t = idx.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence of length {t} exceeds seq_len {self.cfg.seq_len}")
-        positions = get_xp().arange(t) if cache is None else cache.positions(t)
+        if cache is not None:
+            positions = cache.positions(t)
+        elif self.layers.context is not None:
+            positions = self.layers.context.positions(t)
+        else:
+            positions = get_xp().arange(t)
         x = self.wte(idx) + self.wpe(positions)
         x = self.layers.enter_blocks(x, layout)
         return residual_dropout(self.drop, x, key, layout)

@@ -121,20 +121,27 @@ class Trainer:
     # -- construction (each parallelism plugs in here) --------------------------------------
     def _make_layers(self) -> SerialLayers:
         """The layers, in the compute dtype (that of the masters unless 16-bit); under
-        expert parallelism with the experts' placement and token exchange."""
+        expert parallelism with the experts' placement and token exchange; with --cp, holding
+        the context-parallel group the model's embedding and attention use."""
         self.edp_comm = None
         if self.grid.tp == 1 and self.tc.ep > 1 and self.cfg.n_expert:
             from mpipar.parallel.expert_parallel import ExpertParallelDispatch, expert_groups
 
             ep_comm, self.edp_comm = expert_groups(self.grid.dp_comm, self.tc.ep)
-            return SerialLayers(self.precision.compute,
-                                ExpertParallelDispatch(ep_comm, self.edp_comm))
-        if self.grid.tp == 1:
-            return SerialLayers(self.precision.compute)
-        from mpipar.parallel.tensor_parallel import TensorParallelLayers
+            layers = SerialLayers(self.precision.compute,
+                                  ExpertParallelDispatch(ep_comm, self.edp_comm))
+        elif self.grid.tp == 1:
+            layers = SerialLayers(self.precision.compute)
+        else:
+            from mpipar.parallel.tensor_parallel import TensorParallelLayers
 
-        return TensorParallelLayers(self.grid.tp_comm, self.precision.compute,
-                                    sequence_parallel=self.tc.sequence_parallel)
+            layers = TensorParallelLayers(self.grid.tp_comm, self.precision.compute,
+                                          sequence_parallel=self.tc.sequence_parallel)
+        if self.grid.cp > 1:
+            from mpipar.parallel.context_parallel import ContextParallel
+
+            layers.context = ContextParallel(self.grid.cp_comm)
+        return layers
 
     def _make_chunks(self) -> list[GPT]:
         if self.grid.pp == 1:
@@ -151,13 +158,15 @@ class Trainer:
         return chunks
 
     def _make_grad_sync(self):
-        if self.grid.dp == 1:
+        """The gradient average over the ranks holding the same weights: the dp group, or
+        dp × cp with context parallelism (each cp rank's gradient is that of its tokens)."""
+        if self.grid.grad_size == 1:
             return None
         if self.tc.zero == 3:  # the parameters themselves are sharded: the blocks are wrapped
             from mpipar.parallel.zero3 import ShardedParameters
 
             replicated_sum = self.layers.sync_replicated_grads if self.grid.tp > 1 else None
-            return ShardedParameters(self.chunks, self.grid.dp_comm, prefetch=self.tc.overlap,
+            return ShardedParameters(self.chunks, self.grid.grad_comm, prefetch=self.tc.overlap,
                                      replicated_sum=replicated_sum)
         if self.edp_comm is not None:  # expert parallelism: experts averaged over edp
             from mpipar.parallel.expert_parallel import ExpertDataParallel
@@ -168,14 +177,14 @@ class Trainer:
                                       allreduce=self.tc.allreduce)
         from mpipar.parallel.zero import make_grad_sync
 
-        return make_grad_sync(self.params, self.grid.dp_comm, strategy=self.tc.dp_strategy,
+        return make_grad_sync(self.params, self.grid.grad_comm, strategy=self.tc.dp_strategy,
                               bucket_mb=self.tc.bucket_mb, overlap=self.tc.overlap,
                               allreduce=self.tc.allreduce, zero=self.tc.zero)
 
     def _make_optimizer(self):
         """SGD or AdamW; sharded (ZeRO); over fp32 masters of 16-bit parameters."""
         tc = self.tc
-        if tc.zero == 3 and self.grid.dp > 1:  # full precision only (train.py refuses 16 bits)
+        if tc.zero == 3 and self.grid.grad_size > 1:  # full precision only (train.py: no 16 bits)
             from mpipar.parallel.zero3 import Zero3AdamW
 
             return Zero3AdamW(self.params, self.grad_sync, lr=tc.lr,
@@ -183,7 +192,7 @@ class Trainer:
                               eps=tc.eps)
         masters = (make_masters(self.params, tc.seed, self.dtype) if self.precision.half
                    else None)
-        if tc.zero and self.grid.dp > 1:
+        if tc.zero and self.grid.grad_size > 1:
             from mpipar.parallel.zero import ZeroAdamW
 
             return ZeroAdamW(self.params, self.grad_sync, lr=tc.lr, weight_decay=tc.weight_decay,
@@ -259,10 +268,13 @@ class Trainer:
                            slice(lo + k * per, lo + (k + 1) * per)) for k in range(m)]
 
     def microbatches(self, x: np.ndarray, y: np.ndarray) -> tuple[list, list]:
-        """This rank's data-parallel shard of a batch, cut into microbatches (on the device)."""
+        """This rank's data-parallel shard of a batch, cut into microbatches (on the device);
+        with context parallelism only this rank's chunks of each sequence."""
         xp = get_xp()
         xs = shard_rows(x, self.grid.dp_rank, self.grid.dp)
         ys = shard_rows(y, self.grid.dp_rank, self.grid.dp)
+        if self.layers.context is not None:
+            xs, ys = self.layers.context.shard(xs), self.layers.context.shard(ys)
         m = self.tc.microbatches
         return ([xp.asarray(a) for a in split_microbatches(xs, m)],
                 [xp.asarray(a) for a in split_microbatches(ys, m)])
@@ -433,12 +445,13 @@ class Trainer:
         """The global-batch mean loss, known on every rank (one 8-byte all-reduce).
 
         Ranks that compute the loss (last stage, tensor-parallel rank 0) contribute their shard
-        mean divided by dp; everyone else contributes 0.
+        mean divided by dp · cp (every cp rank holds as many of the shard's tokens); everyone
+        else contributes 0.
         """
         if self.grid.world.size == 1:
             return local
         computes = self.grid.is_last_stage and self.grid.tp_rank == 0
-        buf = np.array([local / self.grid.dp if computes else 0.0], dtype=np.float64)
+        buf = np.array([local / self.grid.grad_size if computes else 0.0], dtype=np.float64)
         with self.tracer.context(phase="other"):
             self.grid.world.allreduce(buf)
         return float(buf[0])

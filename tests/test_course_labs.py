@@ -19,10 +19,9 @@ MANIFEST = load_manifest()
 LABS = load_labs(MANIFEST.root)
 
 
-def test_the_labs_are_numbered_each_with_a_ladder_of_hints():
-    ids = [lab.id for lab in LABS]  # L01–L10 first; later labs may leave gaps in the numbers
-    assert ids[:10] == [f"L{i:02d}" for i in range(1, 11)]
-    assert ids == sorted(set(ids)) and all(len(i) == 3 and i[1:].isdigit() for i in ids), ids
+def test_there_are_ten_labs_each_with_a_ladder_of_hints():
+    assert [lab.id for lab in LABS] == [f"L{i:02d}" for i in range(1, len(LABS) + 1)]
+    assert len(LABS) >= 13
     for lab in LABS:
         assert len(lab.hints) >= 2 and lab.symptom and lab.story, lab.id
         assert lab.detector.startswith("course/tests/test_labs.py::test_" + lab.id + "_")

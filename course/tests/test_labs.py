@@ -80,6 +80,8 @@ def test_L10_vocab_parallel_embedding_of_an_odd_vocabulary(two):
     passed(two, "vocab_offset")
 
 
+def test_L11_ring_attention_gradient_matches_the_whole_sequence(two):
+    passed(two, "ring_attention_gradient")
 def test_L12_expert_gradients_are_the_average_over_dp(two):
     passed(two, "expert_gradients")
 def test_L13_zero_bubble_gradients_equal_1f1b_at_pp3():

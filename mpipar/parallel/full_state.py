@@ -60,7 +60,8 @@ def writes_full_state(p: Parameter | None, grid: ProcessGrid) -> bool:
     and written by the one rank at tp rank 0 of the first stage.
     """
     replica = grid.dp_rank if p is None or p.data_replica is None else p.data_replica
-    if replica != 0:  # an expert's weights: the first edp replica of each expert writes
+    # an expert's weights: its first edp replica writes; cp ranks hold replicas too
+    if replica != 0 or getattr(grid, "cp_rank", 0) != 0:
         return False
     if p is None:
         return grid.tp_rank == 0 and grid.is_first_stage

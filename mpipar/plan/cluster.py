@@ -89,9 +89,10 @@ def save_cluster(cluster: Cluster, path: str | os.PathLike) -> None:
 
 def group_link(cluster: Cluster, layout: Layout, group: str) -> tuple[Link, int, str]:
     """(link, group size, "intra" or "inter") of a group of ``layout`` on ``cluster``."""
-    span = {"tp": layout.tp, "dp": layout.tp * layout.dp}.get(group, layout.world)
-    size = {"tp": layout.tp, "dp": layout.dp, "pp": layout.pp, "embed": 2}.get(group,
-                                                                             layout.world)
+    t, c, d = layout.tp, layout.cp, layout.dp
+    span = {"tp": t, "dp": t * d, "cp": t * c, "dpcp": t * c * d}.get(group, layout.world)
+    size = {"tp": t, "dp": d, "pp": layout.pp, "embed": 2, "cp": c,
+            "dpcp": d * c}.get(group, layout.world)
     if span <= cluster.devices_per_node:
         return cluster.intra, size, "intra"
     return cluster.inter, size, "inter"

@@ -17,6 +17,10 @@ microbatch, s tokens, width h, e bytes per element, L_r blocks on the rank and A
   microbatch, reduce-scatters it once, and the rest once per step each way.
 * **pp**: one message of b·s·h·e (s/t under sequence parallelism) per point-to-point
   instruction of the rank's schedule, a SendRecv counted once.
+* **cp** (context parallelism, `--cp C`), per microbatch and block: ring attention's
+  2(C − 1) messages forward and 4C − 2 backward (2(C − 1) more with full recomputation),
+  each a K, V, dK or dV block of b·(s/C)·(h/t)·e, traced as an isend and an irecv. Under cp
+  every group above sees s/C positions, and the gradient group is dp × cp (``dpcp``).
 * **embed**: the tied embedding's gradient, ⌈V/t⌉·h·e, on the first and the last stage.
 * **world**: the gradient norm (8 bytes), and fp16's overflow flag (4 bytes).
 
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mpipar.parallel.pipeline.instructions import PointToPoint, SendRecv
 from mpipar.parallel.ring import chunk_bounds
@@ -44,7 +48,7 @@ from mpipar.plan.memory import (
 )
 from mpipar.plan.model_shape import ModelShape
 
-GROUPS = ("dp", "tp", "pp", "embed", "world")
+GROUPS = ("dp", "tp", "pp", "embed", "world", "cp", "dpcp")
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,11 @@ def tp_calls(shape: ModelShape, layout: Layout, pp_rank: int) -> list[Calls]:
     chunks = stage_chunks(shape, layout, pp_rank)
     n = sum(c[0] for c in chunks)
     pre, post = any(c[1] for c in chunks), any(c[2] for c in chunks)
-    act = layout.micro_batch * shape.seq_len * shape.d_model * layout.item
+    s = shape.seq_len // layout.cp
+    act = layout.micro_batch * s * shape.d_model * layout.item
     again = 2 * n if layout.recompute == "full" else 0  # the forward's calls, repeated
     ce = Calls("tp", "allreduce", 2 * m * post, 3 * m * post * layout.micro_batch
-               * shape.seq_len * max(4, layout.item))
+               * s * max(4, layout.item))
     if not layout.sequence_parallel:
         k = m * (4 * n + pre + post + again)
         return [Calls("tp", "allreduce", k, k * act), ce]
@@ -96,10 +101,14 @@ def ring_bytes(numel: int, d: int, dp_rank: int, item: int) -> int:
 
 
 def dp_calls(shape: ModelShape, layout: Layout, pp_rank: int, dp_rank: int = 0) -> list[Calls]:
-    """One rank's data-parallel calls per step (module docstring)."""
-    d, e, z = layout.dp, layout.item, layout.zero
+    """One rank's data-parallel calls per step (module docstring); ``dp_rank`` is the rank's
+    place in the gradient group (dp × cp ranks, traced as ``dpcp``, under --cp)."""
+    d, e, z = layout.grad_replicas, layout.item, layout.zero
     if d == 1:
         return []
+    if layout.cp > 1:
+        return [Calls("dpcp", c.op, c.calls, c.nbytes) for c in
+                dp_calls(shape, _as_dp(layout), pp_rank, dp_rank)]
     psi = rank_parameters(shape, layout, pp_rank)
     padded = -(-psi // d) * d
     if z == 3:
@@ -122,7 +131,7 @@ def pp_calls(shape: ModelShape, layout: Layout, pp_rank: int) -> list[Calls]:
     """One rank's pipeline messages per step, and the tied embedding's gradient sum."""
     if layout.pp == 1:
         return []
-    s = shape.seq_len // (layout.tp if layout.sequence_parallel else 1)
+    s = shape.seq_len // (layout.tp if layout.sequence_parallel else 1) // layout.cp
     msg = layout.micro_batch * s * shape.d_model * layout.item
     program = rank_program(layout, pp_rank)
     k = sum(isinstance(i, PointToPoint | SendRecv) for i in program)
@@ -134,11 +143,30 @@ def pp_calls(shape: ModelShape, layout: Layout, pp_rank: int) -> list[Calls]:
     return out
 
 
+def _as_dp(layout: Layout) -> Layout:
+    """The same layout with its dp × cp gradient group seen as dp alone (for `dp_calls`)."""
+    return replace(layout, dp=layout.grad_replicas, cp=1,
+                   batch_size=layout.batch_size * layout.cp)
+
+
+def cp_calls(shape: ModelShape, layout: Layout, pp_rank: int) -> list[Calls]:
+    """One rank's ring-attention messages per step (module docstring), isend and irecv."""
+    c = layout.cp
+    if c == 1:
+        return []
+    blocks = sum(ch[0] for ch in stage_chunks(shape, layout, pp_rank))
+    forward = 2 * (c - 1) * (2 if layout.recompute == "full" else 1)
+    k = 2 * layout.microbatches * blocks * (forward + 4 * c - 2)  # ×2: isend and irecv
+    msg = layout.micro_batch * (shape.seq_len // c) * (shape.d_model // layout.tp) \
+        * layout.item
+    return [Calls("cp", "p2p", k, k * msg)]
+
+
 def rank_calls(shape: ModelShape, layout: Layout, pp_rank: int = 0,
                dp_rank: int = 0) -> list[Calls]:
     """Every call one rank makes in a training step (forward, backward, optimizer)."""
     calls = tp_calls(shape, layout, pp_rank) + dp_calls(shape, layout, pp_rank, dp_rank) \
-        + pp_calls(shape, layout, pp_rank)
+        + pp_calls(shape, layout, pp_rank) + cp_calls(shape, layout, pp_rank)
     if layout.world > 1:
         flag = layout.precision == "fp16"
         calls.append(Calls("world", "allreduce", 1 + flag, 8 + 4 * flag))
@@ -149,7 +177,7 @@ def comm_bytes_per_step(shape: ModelShape, layout: Layout) -> dict[str, int]:
     """Bytes per step per group, summed over every rank, as the trace sums them."""
     total: dict[str, int] = defaultdict(int)
     for pp_rank in range(layout.pp):
-        for dp_rank in range(layout.dp):
+        for dp_rank in range(layout.grad_replicas):  # each rank of the gradient group
             for c in rank_calls(shape, layout, pp_rank, dp_rank):
                 total[c.group] += c.nbytes * layout.tp
     return {g: total[g] for g in GROUPS if total[g]}
@@ -170,5 +198,5 @@ def comm_time(nbytes: float, link: Link, op: str = "p2p", group_size: int = 2,
     raise ValueError(f"unknown op {op!r}")
 
 
-__all__ = ["Calls", "GROUPS", "Link", "comm_bytes_per_step", "comm_time", "dp_calls",
+__all__ = ["Calls", "GROUPS", "Link", "comm_bytes_per_step", "comm_time", "cp_calls", "dp_calls",
            "pp_calls", "rank_calls", "ring_bytes", "tp_calls"]

@@ -76,7 +76,7 @@ def rank_flops(shape: ModelShape, layout: Layout, pp_rank: int) -> tuple[float, 
     blocks, post = sum(c[0] for c in chunks), any(c[2] for c in chunks)
     block = 72 * h * h + 6 * s * h  # 6·12h² + 6sh per token
     again = {"none": 0, "selective": s * h, "full": 24 * h * h + 2 * s * h}[layout.recompute]
-    tokens = layout.batch_size * s / layout.dp
+    tokens = layout.batch_size * s / layout.grad_replicas
     per_token = blocks * (block + again) / t + post * 6 * shape.vocab_size * h / t
     return tokens * per_token, blocks
 
@@ -93,12 +93,13 @@ def rank_time(shape: ModelShape, layout: Layout, cluster: Cluster,
               pp_rank: int) -> tuple[float, float, dict[str, float]]:
     """(compute, optimizer, communication per group) seconds of one rank's step."""
     flops, blocks = rank_flops(shape, layout, pp_rank)
-    tokens = layout.batch_size * shape.seq_len / layout.dp
+    tokens = layout.batch_size * shape.seq_len / layout.grad_replicas
     compute = flops / cluster.gemm_flops \
         + cluster.overhead_s_per_token * tokens * blocks * shape.d_model / layout.tp
     if layout.world > 1:  # every device of the node busy at once
         compute /= cluster.concurrent_fraction
-    updated = rank_parameters(shape, layout, pp_rank) / (layout.dp if layout.zero else 1)
+    updated = rank_parameters(shape, layout, pp_rank) / (layout.grad_replicas if layout.zero
+                                                         else 1)
     comm: dict[str, float] = {}
     for c in rank_calls(shape, layout, pp_rank):
         link, size, _ = group_link(cluster, layout, c.group)

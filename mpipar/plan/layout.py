@@ -18,7 +18,7 @@ SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved", "zb-h1")
 
 @dataclass(frozen=True)
 class Layout:
-    """dp × tp × pp ranks and the options that change memory, traffic or time."""
+    """dp × tp × pp (× cp) ranks and the options that change memory, traffic or time."""
 
     dp: int = 1
     tp: int = 1
@@ -33,6 +33,7 @@ class Layout:
     precision: str = "fp32"
     dtype: str = "float32"
     allreduce: str = "mpi"
+    cp: int = 1  # context parallelism: ranks sharing each sequence (--cp)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -45,7 +46,12 @@ class Layout:
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def grad_replicas(self) -> int:
+        """Ranks holding the same weights, over which gradients are reduced: dp · cp."""
+        return self.dp * self.cp
 
     @property
     def micro_batch(self) -> int:
@@ -71,6 +77,8 @@ class Layout:
     def describe(self) -> str:
         """A short name: dp2 tp1 pp2 m4 1f1b z1 sp rc=full bf16."""
         parts = [f"dp{self.dp}", f"tp{self.tp}", f"pp{self.pp}", f"m{self.microbatches}"]
+        if self.cp > 1:
+            parts.insert(3, f"cp{self.cp}")
         if self.pp > 1:
             parts.append(self.schedule + (f"v{self.virtual_stages}"
                                           if self.virtual_stages > 1 else ""))

@@ -105,8 +105,8 @@ def model_state_bytes(psi: int, dp: int, zero: int, item: int = 2, state: int = 
 
 def state_bytes(shape: ModelShape, layout: Layout, pp_rank: int = 0) -> tuple[int, int, int]:
     """(parameter, gradient, optimizer-state) bytes of one rank, as `memory_report` says."""
-    psi, d, e, se = rank_parameters(shape, layout, pp_rank), layout.dp, layout.item, \
-        layout.state_item
+    psi, d, e, se = rank_parameters(shape, layout, pp_rank), layout.grad_replicas, \
+        layout.item, layout.state_item
     states = 2 + (layout.precision != "fp32")  # m, v and the fp32 master
     if layout.zero == 0:
         return psi * e, psi * e, states * psi * se
@@ -163,20 +163,23 @@ def block_activation_bytes(shape: ModelShape, layout: Layout,
     """Bytes one block keeps for one microbatch: mpipar's operations
     (`mpipar.activations.formula_bytes`), or with ``structure="megatron"`` Megatron's block
     in 16-bit with dropout, Korthikanti et al. 2022's sbh(34 + 5as/h) and its tp/sp forms."""
-    b, s, h, a = layout.micro_batch, shape.seq_len, shape.d_model, shape.n_head
+    b, s, h, a = layout.micro_batch, shape.seq_len // layout.cp, shape.d_model, shape.n_head
     if structure == "megatron":
         return korthikanti_bytes(b, s, h, a, recompute=layout.recompute, tp=layout.tp,
                                  sequence_parallel=layout.sequence_parallel)
     if structure != "mpipar":
         raise ValueError(f"structure must be mpipar or megatron, got {structure!r}")
-    return formula_bytes(b, s, h, a, layout.item, recompute=layout.recompute, tp=layout.tp,
+    # Ring attention (--cp) keeps no (s/cp)² probabilities, as selective recomputation.
+    recompute = "selective" if layout.cp > 1 and layout.recompute == "none" else layout.recompute
+    return formula_bytes(b, s, h, a, layout.item, recompute=recompute, tp=layout.tp,
                          sequence_parallel=layout.sequence_parallel)
 
 
 def activation_bytes(shape: ModelShape, layout: Layout, pp_rank: int = 0,
                      structure: str = "mpipar") -> int:
     """Bytes of activations kept for backward on ``pp_rank`` at its peak (module docstring)."""
-    b, s, h, e, t = layout.micro_batch, shape.seq_len, shape.d_model, layout.item, layout.tp
+    b, h, e, t = layout.micro_batch, shape.d_model, layout.item, layout.tp
+    s = shape.seq_len // layout.cp  # the positions this rank holds (all but under --cp)
     blocks, heads, inputs = in_flight_layers(shape, layout, pp_rank)
     per_block = block_activation_bytes(shape, layout, structure)
     s_loc = s // t if layout.sequence_parallel else s
@@ -193,7 +196,8 @@ def memory_for_rank(shape: ModelShape, layout: Layout, pp_rank: int) -> MemoryEs
     acts = activation_bytes(shape, layout, pp_rank)
     transient = 0
     if layout.zero == 2:  # the whole flat gradient buffer lives from zero_grad to finish
-        transient = _pad(rank_parameters(shape, layout, pp_rank), layout.dp) * layout.item - grads
+        transient = (_pad(rank_parameters(shape, layout, pp_rank), layout.grad_replicas)
+                     * layout.item - grads)
     return MemoryEstimate(pp_rank, params, grads, optimizer, acts, transient,
                           params + grads + optimizer + acts + transient)
 

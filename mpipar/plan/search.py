@@ -91,7 +91,7 @@ def problems_of(shape: ModelShape, layout: Layout, cluster: Cluster) -> list[str
                                n_head=shape.n_head, d_model=shape.d_model,
                                virtual_stages=lay.virtual_stages, schedule=lay.schedule,
                                zero=lay.zero, sequence_parallel=lay.sequence_parallel,
-                               seq_len=shape.seq_len, allreduce=lay.allreduce)
+                               seq_len=shape.seq_len, allreduce=lay.allreduce, cp=lay.cp)
     if lay.zero == 3 and lay.precision != "fp32":
         problems.append(f"--zero 3 runs in full precision only, not --precision {lay.precision}")
     if lay.schedule == "zb-h1" and lay.pp > 1 and lay.zero == 3:
@@ -139,7 +139,8 @@ def command(shape: ModelShape, layout: Layout, *, steps: int = 400) -> str:
              f"--seq-len {shape.seq_len}")
     lay = layout
     parts = [f"mpirun -n {lay.world} python train.py {model} --steps {steps}",
-             f"--batch-size {lay.batch_size} --dp {lay.dp} --tp {lay.tp} --pp {lay.pp}"]
+             f"--batch-size {lay.batch_size} --dp {lay.dp} --tp {lay.tp} --pp {lay.pp}"
+             + (f" --cp {lay.cp}" if lay.cp > 1 else "")]
     if lay.microbatches > 1:
         parts.append(f"--microbatches {lay.microbatches}")
     if lay.pp > 1 and (lay.schedule, lay.virtual_stages) != ("1f1b", 1):

@@ -122,13 +122,15 @@ def main() -> None:
         name = layout["name"]
         tc = replace(base, **layout.get("train", {}))
         dp, tp, pp = layout.get("dp", 1), layout.get("tp", 1), layout.get("pp", 1)
+        cp = layout.get("cp", 1)  # context parallelism
         validate_layout(world.size, dp, tp, pp, batch_size=tc.batch_size,
                         microbatches=tc.microbatches, n_layer=cfg.n_layer, n_head=cfg.n_head,
                         d_model=cfg.d_model, virtual_stages=tc.virtual_stages,
                         schedule=tc.schedule, zero=tc.zero,
                         sequence_parallel=tc.sequence_parallel, seq_len=cfg.seq_len,
-                        allreduce=tc.allreduce)
-        results[name] = run(cfg, tc, ProcessGrid.build(world, dp, tp, pp), data, steps)[:4]
+                        allreduce=tc.allreduce, cp=cp)
+        results[name] = run(cfg, tc, ProcessGrid.build(world, dp, tp, pp, cp), data,
+                            steps)[:4]
         if "same_bits_as" in layout:
             other = layout["same_bits_as"]
             check_same_bits(checks, name, results[name], other, results[other])

@@ -8,6 +8,8 @@ tp divides, one microbatch, no dropout, MPI's all-reduce instead of the ring).
   layer (L04); f before a column-parallel layer (L05); the tied embedding's gradient after
   the trainer's gradient steps at pp 2 (L06); each microbatch's loss scaled by 1/M in the
   pipeline executor (L07); each element counted once in the gradient norm at tp 2 (L09);
+  the vocabulary offsets of an embedding tp does not divide (L10); ring attention's output
+  and gradient against the whole sequence's, cp 2 (L11);
   the vocabulary offsets of an embedding tp does not divide (L10); the experts' gradients under
   expert parallelism, ep 2 (L12);
 * ``ring3`` (3 ranks): the ring all-reduce's sums (L02);
@@ -30,6 +32,7 @@ from checks import (
     tokens,
 )
 
+from mpipar import fused
 from mpipar.autograd import Tensor
 from mpipar.comm import Comm
 from mpipar.course import flight
@@ -37,6 +40,7 @@ from mpipar.data import CharTokenizer, make_dataset
 from mpipar.grid import ProcessGrid
 from mpipar.model import build_model
 from mpipar.nn import DropoutKey, Embedding, Linear
+from mpipar.parallel.context_parallel import ContextParallel
 from mpipar.parallel.data_parallel import DataParallel
 from mpipar.parallel.pipeline.executor import PipelineExecutor
 from mpipar.parallel.ring import ring_allreduce
@@ -161,6 +165,18 @@ def vocab_offset(world: Comm, checks: Checks) -> None:
         assert_close(emb(idx).data, serial(idx).data, "embedding rows, vocabulary 13 over tp 2")
 
 
+def ring_attention_gradient(world: Comm, checks: Checks) -> None:
+    context = ContextParallel(ProcessGrid.build(world, 1, 1, 1, cp=world.size).cp_comm)
+    rng = np.random.default_rng(3)
+    qkv, dy = rng.standard_normal((2, 16, 24)), rng.standard_normal((2, 16, 8))
+    whole = Tensor(qkv, requires_grad=True)
+    (fused.CausalAttention.apply(whole, n_head=2) * Tensor(dy)).sum().backward()
+    mine = context.positions(16 // world.size)
+    local = Tensor(np.ascontiguousarray(qkv[:, mine]), requires_grad=True)
+    y = context.attention(local, 2)
+    (y * Tensor(dy[:, mine])).sum().backward()
+    with checks.check("ring_attention_gradient"):
+        assert_close(local.grad, whole.grad[:, mine], "d(qkv) of this rank's tokens, cp 2")
 def expert_gradients(world: Comm, checks: Checks) -> None:
     """The experts' gradients at dp 2 × ep 2 after the trainer's gradient steps (dense
     weights are left out: they are L01's)."""
@@ -183,6 +199,8 @@ def expert_gradients(world: Comm, checks: Checks) -> None:
     with checks.check("expert_gradients"):
         for p in (p for p in trainer.params if p.data_replica is not None):
             assert_close(p.grad, want[p.name], f"{p.name} at dp {world.size} × ep {world.size}")
+
+
 def _executor_gradients(world: Comm, schedule: str) -> dict[str, np.ndarray]:
     """This rank's gradients after one pipelined step of 4 microbatches at pp = world size."""
     cfg = config(n_layer=world.size)
@@ -218,6 +236,7 @@ def two(world: Comm, checks: Checks, options: dict) -> None:
     microbatch_scaling(world, checks)
     grad_norm_counts_once(world, checks)
     vocab_offset(world, checks)
+    ring_attention_gradient(world, checks)
     expert_gradients(world, checks)
 
 

@@ -257,6 +257,8 @@ class TensorParallelLayers:
     stay identical) and split ones their own part of it, exactly as in the 1-process model.
     """
 
+    context: Any = None  # context parallelism, as SerialLayers.context
+
     def __init__(self, tp_comm: Comm, dtype: Any = np.float32, *,
                  sequence_parallel: bool = False) -> None:
         self.comm = tp_comm
