@@ -10,8 +10,8 @@ Training FLOPs per token (``mpipar.model.flops_per_token``): 6·N + 6·L·T·d, 
 parameters that multiply activations (12·L·d² in the blocks plus V·d in the head).
 
 MFU (model FLOPs utilisation) = tokens/s × FLOPs per token / peak FLOP/s of the hardware. As
-the peak this script measures what one large float32 matrix product reaches on the computer running it,
-which is what numpy can get out of the CPU rather than its datasheet figure.
+the peak this script measures what one large float32 matrix product reaches on the computer
+running it, which is what numpy can get out of the CPU rather than its datasheet figure.
 
     python tutorials/examples/gpt_anatomy.py [--preset tiny]
 """
