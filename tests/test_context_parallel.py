@@ -154,7 +154,9 @@ LAYOUTS = {
         {"name": "cp2 dp2", "cp": 2, "dp": 2, "train": {"microbatches": 2}},
         {"name": "cp2 dp2 zero3", "cp": 2, "dp": 2, "train": {"zero": 3}},
         {"name": "cp2 tp2", "cp": 2, "tp": 2},
-        {"name": "cp2 pp2", "cp": 2, "pp": 2, "train": {"microbatches": 2}}],
+        {"name": "cp2 pp2", "cp": 2, "pp": 2, "train": {"microbatches": 2}},
+        {"name": "cp2 pp2 zb-h1", "cp": 2, "pp": 2,
+         "train": {"microbatches": 2, "schedule": "zb-h1"}}],
 }
 
 

@@ -188,3 +188,17 @@ def test_chapter_6_numbers_are_the_planner_s():
         for s, v in (("1f1b", 1), ("interleaved", 2)):
             lay = Layout(pp=4, microbatches=m, schedule=s, virtual_stages=v)
             assert f"{bubble_fraction(lay):.1%}" in bubbles, lay.describe()
+
+
+def test_cli_cp_searches_the_devices_left_after_context_parallelism(run_python):
+    argv = ["-m", "mpipar.plan", "--model", "small", "--devices", "4", "--cp", "2", "--json",
+            "--top", "0"]
+    doc = json.loads(check_ok(run_python(argv)).stdout)
+    layouts = [p["layout"] for p in doc["feasible"]]
+    assert layouts and all(lay["cp"] == 2 and lay["dp"] * lay["tp"] * lay["pp"] == 2
+                           for lay in layouts)
+    assert all(p["command"].startswith("mpirun -n 4 ") and " --cp 2" in p["command"]
+               for p in doc["feasible"])
+    assert all("cp" in p["comm_bytes"] for p in doc["feasible"])
+    bad = run_python(["-m", "mpipar.plan", "--model", "small", "--devices", "4", "--cp", "3"])
+    assert bad.returncode == 2 and "--cp 3 must be a positive divisor of --devices 4" in bad.stderr

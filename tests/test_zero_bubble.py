@@ -204,6 +204,9 @@ EQUIVALENCE = {
         {"name": "pp2 tp2 sp zb-h1 m4", "pp": 2, "tp": 2,
          "train": {**ZB, "microbatches": 4, "sequence_parallel": True}},
     ]),
+    "moe pp2": (2, {"n_expert": 4, "capacity_factor": 1.0}, [
+        {"name": "moe pp2 zb-h1 m4", "pp": 2, "train": {**ZB, "microbatches": 4}},
+    ]),
 }
 EQUIVALENCE_CHECKS = [(launch, check)
                       for launch, (_, _, layouts) in EQUIVALENCE.items()

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = p.add_argument_group("only layouts with (each flag as train.py's)")
     for flag in ("--dp", "--tp", "--pp", "--microbatches", "--zero"):
         f.add_argument(flag, type=int)
+    f.add_argument("--cp", type=int, default=1,
+                   help="context-parallel ranks per sequence; the others form dp × tp × pp (1)")
     f.add_argument("--schedule", choices=("naive", "gpipe", "1f1b", "interleaved", "zb-h1"))
     f.add_argument("--recompute", choices=("none", "selective", "full"))
     f.add_argument("--sequence-parallel", choices=("yes", "no"))
@@ -236,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shape, cluster = model_of(args), cluster_of(args)
         batch = batch_of(args, shape)
+        if args.cp < 1 or cluster.devices % args.cp:
+            raise UsageError(f"--cp {args.cp} must be a positive divisor of --devices "
+                             f"{cluster.devices}")
     except UsageError as e:
         print(f"python -m mpipar.plan: error: {e}", file=sys.stderr)
         return 2
@@ -243,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                        layouts=chosen(args, candidate_layouts(
                            shape, cluster, batch, precision=args.precision,
                            schedules=(args.schedule,) if args.schedule else ("1f1b",
-                                                                             "interleaved"))))
+                                                                             "interleaved"),
+                           cp=args.cp)))
     if args.json:
         print(json_report(shape, cluster, batch, good, bad, args.top))
     else:

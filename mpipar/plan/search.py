@@ -59,17 +59,20 @@ def divisors(n: int) -> list[int]:
 
 def candidate_layouts(shape: ModelShape, cluster: Cluster, batch: int, *, precision: str,
                       max_microbatches: int = 64,
-                      schedules: tuple[str, ...] = ("1f1b", "interleaved")) -> list[Layout]:
+                      schedules: tuple[str, ...] = ("1f1b", "interleaved"),
+                      cp: int = 1) -> list[Layout]:
     """Every dp × tp × pp = devices, microbatch count, schedule, ZeRO stage, sequence
     parallelism and recomputation worth trying. Microbatches are powers of two (and, with a
     pipeline, at least pp: fewer leave most of it idle). GPipe and the naive schedule take
     the time of 1F1B or more and more memory, so they are tried only when asked for; so is
-    ZB-H1 (``--schedule zb-h1``), a smaller bubble for p stashes on every stage."""
+    ZB-H1 (``--schedule zb-h1``), a smaller bubble for p stashes on every stage. Context
+    parallelism is a choice the user makes for long sequences (``--cp C``): the layouts then
+    split the remaining devices/C into dp × tp × pp."""
     out = []
     for tp, pp in itertools.product(divisors(cluster.devices), repeat=2):
-        if cluster.devices % (tp * pp) or pp > shape.n_layer:
+        if cluster.devices % (tp * pp * cp) or pp > shape.n_layer:
             continue
-        dp = cluster.devices // (tp * pp)
+        dp = cluster.devices // (tp * pp * cp)
         ms = [m for m in (2 ** k for k in range(12)) if m <= max_microbatches
               and (pp == 1 or m >= pp) and batch % (dp * m) == 0]
         kinds = [(k, 1) for k in schedules if k != "interleaved" and (pp > 1 or k == "1f1b")]
@@ -79,7 +82,7 @@ def candidate_layouts(shape: ModelShape, cluster: Cluster, batch: int, *, precis
                 ms, kinds, range(4), (False, True), ("none", "selective", "full")):
             if sp and tp == 1:
                 continue
-            out.append(Layout(dp, tp, pp, batch, m, sched, v, zero, sp, rc, precision))
+            out.append(Layout(dp, tp, pp, batch, m, sched, v, zero, sp, rc, precision, cp=cp))
     return out
 
 
