@@ -126,16 +126,22 @@ def tied_embedding(world: Comm, checks: Checks) -> None:
             assert_close(p.grad, want[p.name], "wte's gradient after the gradient steps")
 
 
-def microbatch_scaling(world: Comm, checks: Checks) -> None:
-    cfg = config(n_layer=2)
+def pipelined_step(world: Comm, cfg, schedule: str) -> tuple[list, np.ndarray, np.ndarray]:
+    """One step of 4 microbatches at pp = world size: (this rank's chunks, the batch x, y)."""
     grid = ProcessGrid.build(world, 1, 1, world.size)
-    tc = SimpleNamespace(schedule="naive", microbatches=4, virtual_stages=1)
+    tc = SimpleNamespace(schedule=schedule, microbatches=4, virtual_stages=1)
     chunks = pipeline_chunks(cfg, grid, 1)
     ex = PipelineExecutor(chunks, grid, tc, Tracer(world.rank))
     x, y = tokens(cfg, BATCH)
     rows = [slice(k * 2, (k + 1) * 2) for k in range(4)]
     ex.train_step([x[r] for r in rows], [y[r] for r in rows],
                   [DropoutKey(1, 0, BATCH, r) for r in rows])
+    return chunks, x, y
+
+
+def microbatch_scaling(world: Comm, checks: Checks) -> None:
+    cfg = config(n_layer=2)
+    chunks, x, y = pipelined_step(world, cfg, "naive")
     _, want = serial_gradients(cfg, x, y)
     with checks.check("microbatch_scaling"):
         for p in (p for c in chunks for p in c.parameters() if not p.tied_embedding):
@@ -203,15 +209,7 @@ def expert_gradients(world: Comm, checks: Checks) -> None:
 
 def _executor_gradients(world: Comm, schedule: str) -> dict[str, np.ndarray]:
     """This rank's gradients after one pipelined step of 4 microbatches at pp = world size."""
-    cfg = config(n_layer=world.size)
-    grid = ProcessGrid.build(world, 1, 1, world.size)
-    tc = SimpleNamespace(schedule=schedule, microbatches=4, virtual_stages=1)
-    chunks = pipeline_chunks(cfg, grid, 1)
-    ex = PipelineExecutor(chunks, grid, tc, Tracer(world.rank))
-    x, y = tokens(cfg, BATCH)
-    rows = [slice(k * 2, (k + 1) * 2) for k in range(4)]
-    ex.train_step([x[r] for r in rows], [y[r] for r in rows],
-                  [DropoutKey(1, 0, BATCH, r) for r in rows])
+    chunks, _, _ = pipelined_step(world, config(n_layer=world.size), schedule)
     return {p.name: p.grad.copy() for c in chunks for p in c.parameters()}
 
 
