@@ -423,6 +423,8 @@ def scatter_add_rows(shape: tuple[int, int], idx: Any, rows: Any) -> Any:
     """
     xp = array_module(rows)
     out = xp.zeros(shape, dtype=rows.dtype)
+    if idx.size == 0:  # no rows to add (a vocabulary shard none of the tokens falls in)
+        return out
     order = xp.argsort(idx, kind="stable")
     keys, grouped = idx[order], rows[order]
     starts = xp.flatnonzero(xp.concatenate([xp.ones(1, dtype=bool), keys[1:] != keys[:-1]]))

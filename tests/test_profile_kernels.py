@@ -4,7 +4,8 @@
   parameters and state after several steps with changing learning rates, in float32 and
   float64, with gradients held in other arrays (a data-parallel buffer, say) and with a
   parameter that has no gradient (the per-parameter rule then runs on the flat views);
-* the embedding's backward, :func:`mpipar.ops.scatter_add_rows`, against ``numpy.add.at``;
+* the embedding's backward, :func:`mpipar.ops.scatter_add_rows` (also the backward of a
+  tensor-parallel vocabulary shard), against ``numpy.add.at``, and with no rows at all;
 * the flat layout: parameters become views of one buffer and keep their values.
 
 LayerNorm and attention are checked against central differences in ``tests/test_ops.py``.
@@ -82,3 +83,10 @@ def test_scatter_add_rows_is_add_at(dtype):
         expected = np.zeros((500, 16), dtype)
         np.add.at(expected, idx, rows)
         np.testing.assert_array_equal(scatter_add_rows((500, 16), idx, rows), expected)
+
+
+def test_scatter_add_rows_of_no_rows_is_zero():
+    # A vocabulary shard that none of the batch's tokens falls in gets a zero gradient.
+    out = scatter_add_rows((7, 3), np.zeros(0, dtype=np.int64), np.zeros((0, 3), np.float32))
+    np.testing.assert_array_equal(out, np.zeros((7, 3), np.float32))
+    assert out.dtype == np.float32

@@ -58,7 +58,7 @@ from mpipar.parallel.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
     scatter_to_tensor_parallel_region,
 )
-from mpipar.precision import accumulate_dtype, matmul, narrow, sum_rows, upcast
+from mpipar.precision import matmul, narrow, sum_rows, upcast
 
 
 def divide(n: int, t: int, what: str) -> int:
@@ -207,10 +207,8 @@ class VocabShardLookup(Function):
     @staticmethod
     def backward(ctx, g):
         local, inside = ctx.saved
-        xp = array_module(g)
-        gw = xp.zeros(ctx.shape, dtype=accumulate_dtype(g.dtype))
-        xp.add.at(gw, local[inside], upcast(g[inside]))
-        return (narrow(gw, g.dtype),)
+        rows = upcast(g[inside])  # (n, d): the positions whose token lives on this rank
+        return (narrow(ops.scatter_add_rows(ctx.shape, local[inside], rows), g.dtype),)
 
 
 class VocabParallelEmbedding(Module):
