@@ -134,6 +134,9 @@ CHAPTER_NUMBERS = [
     ("03_tensor_parallel.md", f"{key_values()['A4.Q1']:,}"),
     ("03_tensor_parallel.md", f"{math.ceil(50257 / 8) * 8:,}"),
     ("04_pipeline_parallel.md", f"{theoretical_bubble('interleaved', 4, 8, 2):.4f}"),
+    ("04_pipeline_parallel.md", f"{4 * (1 - theoretical_bubble('1f1b', 4, 16)):.4f}"),
+    ("04_pipeline_parallel.md",  # the fewest microbatches whose 1F1B bound at p = 2 is ≥ 1.9
+     f"**{next(m for m in range(1, 100) if 2 * (1 - theoretical_bubble('1f1b', 2, m)) >= 1.9)}**"),
     ("02b_memory.md", f"{formula_bytes(32, 128, 256, 4, 4):,}"),  # a block of medium
     ("02c_mixed_precision.md", f"{4 * parameters(TINY):,}"),  # tiny's fp32 gradients
     ("02c_mixed_precision.md", f"{2 * parameters(TINY):,}"),  # ... and in bf16
