@@ -44,7 +44,7 @@ import math
 
 from mpipar.autograd import Function
 from mpipar.backend import array_module
-from mpipar.precision import accumulate_dtype, matmul, narrow, sum_rows, upcast
+from mpipar.precision import accumulate_dtype, finfo, matmul, narrow, sum_rows, upcast
 
 GELU_C = math.sqrt(2.0 / math.pi)
 GELU_K = 0.044715
@@ -298,18 +298,58 @@ def attention_probs(q, k, scale: float, bias, out):
     """P = softmax(Q Kᵀ·scale + bias) over the last axis, written into ``out`` (b, H, T, T).
 
     One sequence block of `CausalAttention`; backward calls it again to recompute P.
+
+    A softmax is the same whatever number c is taken from a row first: e^(s−c) / Σ e^(s−c).
+    The textbook c is the row's maximum, so that no e^(s−c) exceeds 1. Finding it is the
+    costliest step of this softmax on a CPU (a reduction along a short last axis: more time
+    than the exponentials), and it matters only when e^s would overflow, or when a row's
+    e^s are all so small that they lose precision. So the block is exponentiated with c = 0,
+    and only if a row sum came out infinite (or NaN), or below tiny/eps (where the row's
+    largest terms approach the subnormal range), is it computed again with c = the row's
+    maximum. The second pass is the textbook softmax; the first differs from it only in the
+    rounding of its last bits. Recomputing a block takes the same path, so the same bits.
     """
     xp = array_module(out)
     t = out.shape[-1]
-    xp.matmul(q, k.swapaxes(-1, -2), out=out)
+    ones = xp.ones(t, dtype=out.dtype)
+    _scores_into(out, q, k, scale, bias)
+    _exp_quietly(out)
+    sums = out.reshape(-1, t) @ ones  # row sums as one product
+    if not _sums_are_safe(sums):
+        _scores_into(out, q, k, scale, bias)
+        out -= out.max(axis=-1, keepdims=True)
+        xp.exp(out, out=out)
+        sums = out.reshape(-1, t) @ ones
+    xp.divide(1.0, sums, out=sums)  # 1/Σ
+    out *= sums.reshape(*out.shape[:-1], 1)
+    return out
+
+
+def _scores_into(out, q, k, scale: float, bias) -> None:
+    """out = Q Kᵀ·scale + bias (the causal mask)."""
+    array_module(out).matmul(q, k.swapaxes(-1, -2), out=out)
     out *= scale
     out += bias
-    out -= out.max(axis=-1, keepdims=True)
-    xp.exp(out, out=out)
-    inv = out.reshape(-1, t) @ xp.ones(t, dtype=out.dtype)  # row sums as one product, then 1/Σ
-    xp.divide(1.0, inv, out=inv)
-    out *= inv.reshape(*out.shape[:-1], 1)
-    return out
+
+
+def _exp_quietly(a) -> None:
+    """a = e^a in place; an overflow gives inf (caught by `_sums_are_safe`), without numpy's
+    warning. cupy warns of nothing."""
+    xp = array_module(a)
+    if xp.__name__ == "numpy":
+        with xp.errstate(over="ignore", under="ignore"):
+            xp.exp(a, out=a)
+    else:
+        xp.exp(a, out=a)
+
+
+def _sums_are_safe(sums) -> bool:
+    """Every row sum of e^s finite and at least tiny/eps of its dtype (see `attention_probs`)."""
+    xp = array_module(sums)
+    info = finfo(sums.dtype)
+    if sums.size == 0:  # a block of no sequences
+        return True
+    return bool(xp.isfinite(sums).all()) and bool(sums.min() >= info.tiny / info.eps)
 
 
 def _product_into(out, a, b, scale: float | None = None) -> None:

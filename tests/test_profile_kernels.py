@@ -8,6 +8,10 @@
   tensor-parallel vocabulary shard), against ``numpy.add.at``, and with no rows at all;
 * the flat layout: parameters become views of one buffer and keep their values.
 
+* the attention softmax without the row maximum (`mpipar.fused.attention_probs`) against the
+  textbook one, with scores that overflow e^s or underflow a whole row, where it must fall
+  back to the maximum, without a warning.
+
 LayerNorm and attention are checked against central differences in ``tests/test_ops.py``.
 """
 
@@ -90,3 +94,34 @@ def test_scatter_add_rows_of_no_rows_is_zero():
     out = scatter_add_rows((7, 3), np.zeros(0, dtype=np.int64), np.zeros((0, 3), np.float32))
     np.testing.assert_array_equal(out, np.zeros((7, 3), np.float32))
     assert out.dtype == np.float32
+
+
+def _textbook_softmax(s):
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [1.0, 60.0, -1e4],
+                         ids=["ordinary", "overflowing", "underflowing"])
+def test_attention_probs_is_the_textbook_softmax(dtype, size):
+    import warnings
+
+    from mpipar.fused import attention_probs, causal_mask_bias
+
+    rng = np.random.default_rng(3)
+    b, h, t, d = 2, 3, 16, 8
+    q = rng.standard_normal((b, h, t, d)).astype(dtype)
+    k = rng.standard_normal((b, h, t, d)).astype(dtype)
+    if size < 0:  # every score of a row far below zero: e^s is 0 for all of them
+        q, k = np.abs(q) * np.sqrt(-size), -np.abs(k) * np.sqrt(-size)
+    else:  # scores of up to about size² · d: e^s overflows above 88 (float32) or 709 (float64)
+        q, k = q * size, k * size
+    bias = causal_mask_bias(t, np, dtype)
+    expected = _textbook_softmax(q @ k.swapaxes(-1, -2) / np.sqrt(d) + bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = attention_probs(q, k, 1 / np.sqrt(d), bias, np.empty((b, h, t, t), dtype))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=10 * np.finfo(dtype).eps)
+    np.testing.assert_allclose(got.sum(axis=-1), 1.0, rtol=10 * np.finfo(dtype).eps)
