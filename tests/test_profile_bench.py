@@ -52,3 +52,24 @@ def test_gemm_ceiling_times_the_models_products():
         flops = sum(2 * a[-2] * a[-1] * b[-1] for a, b in linear)
         assert flops == 6 * matmul_params(cfg) * batch * cfg.seq_len, name
         assert len(products) == len(linear) + 6 * cfg.n_layer
+
+
+def test_bench_kernels_times_every_fused_operation(tmp_path, monkeypatch, capsys):
+    import bench_kernels
+
+    results = tmp_path / "kernels.jsonl"
+    monkeypatch.setenv(machine.RESULTS_ENV, str(results))
+    assert bench_kernels.main(["--presets", "tiny", "--repeats", "1", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out.splitlines()[-1])["tiny"]
+    ops = [row["op"] for row in figures["rows"]]
+    assert ops == ["linear qkv", "linear proj", "linear fc", "linear fc2", "layernorm", "gelu",
+                   "attention", "cross-entropy", "embedding", "adamw"]
+    adamw = figures["rows"][-1]
+    shape = dict(PRESETS["tiny"])
+    shape.pop("batch_size")
+    from mpipar.model import GPT
+
+    total = GPT(GPTConfig(vocab_size=bench_kernels.VOCAB, **shape)).num_parameters()
+    assert adamw["shape"] == f"{total:,} parameters"
+    cases = [json.loads(line)["case"] for line in results.read_text().splitlines()]
+    assert cases == [f"tiny {op}" for op in ops] + ["tiny pass"]
