@@ -17,6 +17,7 @@ reports, measured by the tests below:
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from mpi_util import alive, describe, run_mpi, script
@@ -86,3 +87,26 @@ def test_a_hung_job_is_killed_by_the_harness(tmp_path):
     while any(alive(p) for p in ranks) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [p for p in ranks if alive(p)], "ranks survived the timeout kill"
+
+
+def test_a_check_script_that_raises_ends_the_launch(tmp_path):
+    """The VERDICT scripts (``tests/mpi_scripts/verdict.py``) record failed assertions; any
+    other exception on one rank must end every rank at once, not leave the others waiting
+    in their next collective until the harness's timeout."""
+    body = tmp_path / "raises.py"
+    body.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(FAILURES).parent)!r})\n"
+        "from verdict import Checks\n"
+        "from mpipar.comm import Comm\n"
+        "world = Comm.world()\n"
+        "checks = Checks(world)\n"
+        "if world.rank == 1:\n"
+        "    raise RuntimeError('rank 1 broke a check script')\n"
+        "world.barrier()\n"
+        "checks.report()\n", encoding="utf-8")
+    t0 = time.monotonic()
+    proc = run_mpi(2, [body], timeout=30)
+    assert proc.returncode == 1, describe(proc)
+    assert time.monotonic() - t0 < 20, describe(proc)
+    assert "[rank 1] RuntimeError: rank 1 broke a check script" in proc.stderr, describe(proc)

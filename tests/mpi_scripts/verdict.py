@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
-from mpipar.comm import Comm
+from mpipar.comm import Comm, install_excepthook
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,6 +30,7 @@ class Checks:
     """Named checks of one launch; ``report()`` prints the merged verdict on rank 0."""
 
     def __init__(self, world: Comm) -> None:
+        install_excepthook(world)  # any other exception ends the whole launch at once
         self.world = world
         self.failures: dict[str, list[str]] = {}
 
