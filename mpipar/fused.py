@@ -199,51 +199,53 @@ class LayerNorm(Function):
 class Gelu(Function):
     """GELU, tanh form: y = ½x(1 + tanh u), u = c(x + kx³), c = √(2/π), k = 0.044715.
 
-    dy/dx = ½(1 + t) + ½x(1 − t²)·c(1 + 3kx²), with t = tanh u.
-    Computed in fp32 for a 16-bit x; x and t are kept in x's dtype.
+    dy/dx = ½(1 + t) + ½x(1 − t²)·c(1 + 3kx²), with t = tanh u. Forward keeps s = 1 + t
+    (beside x), which turns that into dy/dx = ½s·(1 + x(2 − s)·c(1 + 3kx²)), since
+    1 − t² = (1 − t)(1 + t) = (2 − s)s: the same formula in fewer passes over the array (a
+    pass that reads two arrays costs several times one that scales an array in place).
+    Computed in fp32 for a 16-bit x; x and s are kept in x's dtype.
     """
 
     @staticmethod
     def forward(ctx, x):
         xp = array_module(x)
         xc = upcast(x)
-        t, y = xp.empty_like(xc), xp.empty_like(xc)
-        x2, t2, y2 = (a.reshape(-1, x.shape[-1]) for a in (xc, t, y))
+        s, y = xp.empty_like(xc), xp.empty_like(xc)
+        x2, s2, y2 = (a.reshape(-1, x.shape[-1]) for a in (xc, s, y))
         for rows in _row_blocks(x2):
-            xb, tb, yb = x2[rows], t2[rows], y2[rows]
-            xp.multiply(xb, xb, out=tb)  # u = x(c + ck·x²), then t = tanh u, in one buffer
-            tb *= GELU_C * GELU_K
-            tb += GELU_C
-            tb *= xb
-            xp.tanh(tb, out=tb)
-            xp.add(tb, 1.0, out=yb)
-            yb *= xb
-            yb *= 0.5
-        ctx.save_for_backward(x, narrow(t, x.dtype))
+            xb, sb, yb = x2[rows], s2[rows], y2[rows]
+            xp.square(xb, out=sb)  # u = x(c + ck·x²), then s = 1 + tanh u, in one buffer
+            sb *= GELU_C * GELU_K
+            sb += GELU_C
+            sb *= xb
+            xp.tanh(sb, out=sb)
+            sb += 1.0
+            xp.multiply(xb, 0.5, out=yb)
+            yb *= sb
+        ctx.save_for_backward(x, narrow(s, x.dtype))
         return narrow(y, x.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        x, t = (upcast(a) for a in ctx.saved)
+        x, s = (upcast(a) for a in ctx.saved)
         gc = upcast(g)
         xp = array_module(g)
         d = xp.empty_like(gc)
-        x2, t2, g2, d2 = (a.reshape(-1, x.shape[-1]) for a in (x, t, gc, d))
+        x2, s2, g2, d2 = (a.reshape(-1, x.shape[-1]) for a in (x, s, gc, d))
         blocks = _row_blocks(x2)
         # The first block is the largest; an input of no rows (an idle expert) has none.
         scratch = xp.empty_like(x2[blocks[0]]) if blocks else None
         for rows in blocks:
-            xb, tb, gb, db = x2[rows], t2[rows], g2[rows], d2[rows]
-            sb = scratch[: xb.shape[0]]
-            xp.multiply(xb, xb, out=db)
+            xb, sb, gb, db = x2[rows], s2[rows], g2[rows], d2[rows]
+            tb = scratch[: xb.shape[0]]
+            xp.square(xb, out=db)
             db *= 3.0 * GELU_K * GELU_C
             db += GELU_C  # c(1 + 3kx²)
-            xp.multiply(tb, tb, out=sb)
-            xp.subtract(1.0, sb, out=sb)  # 1 − t²
-            db *= sb
             db *= xb
-            db += tb
+            xp.subtract(2.0, sb, out=tb)  # 2 − s
+            db *= tb
             db += 1.0
+            db *= sb
             db *= 0.5
             db *= gb
         return (narrow(d, g.dtype),)
