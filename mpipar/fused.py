@@ -255,7 +255,10 @@ class Gelu(Function):
 # Loss and attention
 # ---------------------------------------------------------------------------------------------
 class CrossEntropy(Function):
-    """L = −(1/N) Σ_n log softmax(zₙ)[tₙ], computed stably (log-sum-exp with the max out).
+    """L = −(1/N) Σ_n log softmax(zₙ)[tₙ] = (1/N) Σ_n (log Σ_j e^(zₙⱼ) − zₙ[tₙ]).
+
+    Computed stably: as it stands while no row's Σ_j e^(zₙⱼ) overflows or underflows, and
+    with each row's maximum taken out first otherwise.
 
     dL/dzₙ = (softmax(zₙ) − onehot(tₙ)) / N. ``logits`` is (..., V) and ``targets`` (...)
     integer; N is the number of positions. 16-bit logits are taken to fp32 first: the
@@ -270,13 +273,22 @@ class CrossEntropy(Function):
         t = targets.reshape(-1)
         n = z.shape[0]
         rows = xp.arange(n)
-        m = z.max(axis=1, keepdims=True)
-        p = z - m
-        target_z = p[rows, t].copy()
-        xp.exp(p, out=p)
-        s = p.sum(axis=1, keepdims=True)
-        loss = (xp.log(s[:, 0]) - target_z).sum() / n
-        p /= s  # softmax, kept for backward
+        # As in attention's softmax (`attention_probs`): e^z without the row maximum, unless
+        # a row sum overflows or underflows; then the textbook e^(z − max).
+        p = xp.empty_like(z)
+        _exp_quietly(z, out=p)
+        ones = xp.ones(v, dtype=z.dtype)
+        s = p @ ones  # row sums as one product
+        if _sums_are_safe(s):
+            target_z = z[rows, t]
+        else:
+            xp.subtract(z, z.max(axis=1, keepdims=True), out=p)
+            target_z = p[rows, t].copy()
+            xp.exp(p, out=p)
+            s = p @ ones
+        loss = (xp.log(s) - target_z).sum() / n
+        xp.divide(1.0, s, out=s)
+        p *= s[:, None]  # softmax, kept for backward
         ctx.save_for_backward(p, t, rows)
         ctx.shape, ctx.dtype = logits.shape, logits.dtype
         return xp.asarray(loss, dtype=accumulate_dtype(logits.dtype))
@@ -334,15 +346,16 @@ def _scores_into(out, q, k, scale: float, bias) -> None:
     out += bias
 
 
-def _exp_quietly(a) -> None:
-    """a = e^a in place; an overflow gives inf (caught by `_sums_are_safe`), without numpy's
-    warning. cupy warns of nothing."""
+def _exp_quietly(a, out=None) -> None:
+    """out = e^a (in place when no ``out``); an overflow gives inf (caught by
+    `_sums_are_safe`), without numpy's warning. cupy warns of nothing."""
     xp = array_module(a)
+    out = a if out is None else out
     if xp.__name__ == "numpy":
         with xp.errstate(over="ignore", under="ignore"):
-            xp.exp(a, out=a)
+            xp.exp(a, out=out)
     else:
-        xp.exp(a, out=a)
+        xp.exp(a, out=out)
 
 
 def _sums_are_safe(sums) -> bool:

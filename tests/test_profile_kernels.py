@@ -8,9 +8,10 @@
   tensor-parallel vocabulary shard), against ``numpy.add.at``, and with no rows at all;
 * the flat layout: parameters become views of one buffer and keep their values.
 
-* the attention softmax without the row maximum (`mpipar.fused.attention_probs`) against the
-  textbook one, with scores that overflow e^s or underflow a whole row, where it must fall
-  back to the maximum, without a warning.
+* the attention softmax and the cross-entropy without the row maximum
+  (`mpipar.fused.attention_probs`, `mpipar.fused.CrossEntropy`) against the textbook ones,
+  with scores that overflow e^s or underflow a whole row, where they must fall back to the
+  maximum, without a warning.
 
 LayerNorm and attention are checked against central differences in ``tests/test_ops.py``.
 """
@@ -125,3 +126,25 @@ def test_attention_probs_is_the_textbook_softmax(dtype, size):
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, rtol=0, atol=10 * np.finfo(dtype).eps)
     np.testing.assert_allclose(got.sum(axis=-1), 1.0, rtol=10 * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shift", [0.0, 1e3, -1e3], ids=["ordinary", "overflowing", "underflowing"])
+def test_cross_entropy_is_the_textbook_one(dtype, shift):
+    import warnings
+
+    from mpipar.autograd import Context
+    from mpipar.fused import CrossEntropy
+
+    rng = np.random.default_rng(4)
+    z = (3 * rng.standard_normal((40, 11)) + shift).astype(dtype)
+    targets = rng.integers(0, 11, size=40)
+    p = _textbook_softmax(z)
+    expected = -np.log(p[np.arange(40), targets]).mean()
+    ctx = Context((True, False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = CrossEntropy.forward(ctx, z, targets)
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(loss, expected, rtol=100 * eps)
+    np.testing.assert_allclose(ctx.saved[0], p, rtol=0, atol=10 * eps)
