@@ -87,7 +87,7 @@ def activation_bytes_formula(cfg: GPTConfig, batch: int, tp: int, sp: bool) -> i
           parallelism only this rank's piece, all-gathered again)          2·BTd/s
         q, k, v (B, T, 3d/t); probabilities (B, H/t, T, T)                  3·BTd/t + BHT²/t
         attention output, input of proj (B, T, d/t)                         BTd/t
-        GELU input and tanh, input of the MLP's proj (B, T, 4d/t) each      12·BTd/t
+        GELU input and 1 + tanh, input of the MLP's proj (B, T, 4d/t) each  12·BTd/t
 
     i.e. BTd·(4/s + 16/t) + 2BT/s + BHT²/t. Without tensor parallelism that is
     20·BTd + 2BT + BHT²; tensor parallelism divides all but the LayerNorm part, 4·BTd + 2BT;

@@ -12,14 +12,14 @@ and every array kept in the model's dtype (dropout masks too):
                   with dropout: the mask and P ⊙ mask           + 2abs²
     proj linear   its input, the attention output               bsh
     ln_2, fc      as ln_1 and qkv                               bsh + bs, bsh
-    gelu          its input and tanh(u) (b, s, 4h) each         8bsh
+    gelu          its input and 1 + tanh(u) (b, s, 4h) each     8bsh
     proj linear   its input, gelu's output                      4bsh
     dropout       the two residual masks (with dropout)         + 2bsh
 
 so a block keeps e·(20bsh + 2bs + abs²) bytes, e·(22bsh + 2bs + 3abs²) with dropout
 (`saved_per_layer` itemises it). Korthikanti et al. (2022) count sbh(34 + 5as/h) for
 Megatron's block in 16-bit with 1-byte masks: the same arrays but for two, so at their
-precision mpipar's structure would need sbh(42 + 5as/h) + 4sb. The GELU here keeps tanh(u)
+precision mpipar's structure would need sbh(42 + 5as/h) + 4sb. The GELU here keeps 1 + tanh(u)
 (8sbh at 2 bytes) to spare recomputing it in backward, and each LayerNorm keeps 1/σ, one
 number per token. In float32 every element, masks included, takes 4 bytes.
 
@@ -74,7 +74,7 @@ def saved_per_layer(b: int, s: int, h: int, a: int, itemsize: int, *, recompute:
         "residual dropout masks": 2 * whole if dropout else 0,
         "ln_2: (x − μ)/σ and 1/σ": whole + tokens,
         "fc input (ln_2 output)": whole,
-        "gelu: input and tanh": 8 * split,
+        "gelu: input and 1 + tanh": 8 * split,
         "proj input (gelu output)": 4 * split,
     }
     if recompute == "selective":
