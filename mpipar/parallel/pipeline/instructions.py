@@ -73,7 +73,22 @@ class Instruction:
 
 
 @dataclass(frozen=True, repr=False)
-class Forward(Instruction):
+class Compute(Instruction):
+    """Common fields of the four local compute instructions: microbatch `mb` on chunk `chunk`."""
+
+    mb: int
+    chunk: int = 0
+
+    short: ClassVar[str]  # F, B, BI or W
+
+    def __str__(self) -> str:
+        return f"{self.short}(mb={self.mb}, chunk={self.chunk})"
+
+    __repr__ = __str__
+
+
+@dataclass(frozen=True, repr=False)
+class Forward(Compute):
     """Run chunk `chunk`'s layers forward on microbatch `mb`. Local, does not block.
 
     The input is the batch (virtual stage 0) or the activation received earlier by a
@@ -82,17 +97,11 @@ class Forward(Instruction):
     also computes the microbatch's loss.
     """
 
-    mb: int
-    chunk: int = 0
-
-    def __str__(self) -> str:
-        return f"F(mb={self.mb}, chunk={self.chunk})"
-
-    __repr__ = __str__
+    short = "F"
 
 
 @dataclass(frozen=True, repr=False)
-class Backward(Instruction):
+class Backward(Compute):
     """Backpropagate microbatch `mb` through chunk `chunk`. Local, does not block.
 
     The upstream gradient dL/d(output) is the one received by a `RecvGrad` with the same
@@ -101,17 +110,11 @@ class Backward(Instruction):
     `Forward(mb, chunk)` is freed.
     """
 
-    mb: int
-    chunk: int = 0
-
-    def __str__(self) -> str:
-        return f"B(mb={self.mb}, chunk={self.chunk})"
-
-    __repr__ = __str__
+    short = "B"
 
 
 @dataclass(frozen=True, repr=False)
-class BackwardInput(Instruction):
+class BackwardInput(Compute):
     """The first half of a split backward (zero bubble's "B"). Local, does not block.
 
     Computes dL/d(input of chunk) only, the gradient the previous stage waits for, and keeps it
@@ -119,17 +122,11 @@ class BackwardInput(Instruction):
     what it needs (for a Linear: its input x and dL/dy) kept from the forward's stash.
     """
 
-    mb: int
-    chunk: int = 0
-
-    def __str__(self) -> str:
-        return f"BI(mb={self.mb}, chunk={self.chunk})"
-
-    __repr__ = __str__
+    short = "BI"
 
 
 @dataclass(frozen=True, repr=False)
-class BackwardWeight(Instruction):
+class BackwardWeight(Compute):
     """The second half of a split backward (zero bubble's "W"). Local, does not block.
 
     Computes the parameter gradients of microbatch `mb` on chunk `chunk` that
@@ -138,13 +135,7 @@ class BackwardWeight(Instruction):
     Frees what was kept for it: the microbatch's stash is gone only now.
     """
 
-    mb: int
-    chunk: int = 0
-
-    def __str__(self) -> str:
-        return f"W(mb={self.mb}, chunk={self.chunk})"
-
-    __repr__ = __str__
+    short = "W"
 
 
 COMPUTE_KINDS = (Forward, Backward, BackwardInput, BackwardWeight)
